@@ -1,0 +1,273 @@
+// Command svsm-verifier is the relying party and key broker: a KBS 0.4.0 server with real
+// SEV-SNP verification, boot requests (clone protection), a boot counter with confirmation
+// (rollback protection), an audit trail, and a token-protected admin API and CLI.
+package main
+
+import (
+	"context"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/google/go-sev-guest/kds"
+	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/svsm-e2e/svsm-e2e/internal/daemon"
+	"github.com/svsm-e2e/svsm-e2e/protocol"
+	"github.com/svsm-e2e/svsm-e2e/verifier"
+)
+
+func main() {
+	if err := newRoot().Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "svsm-verifier:", err)
+		os.Exit(1)
+	}
+}
+
+func newRoot() *cobra.Command {
+	root := &cobra.Command{Use: "svsm-verifier", Short: "KBS 0.4.0 verifier and key broker for COCONUT-SVSM state", SilenceUsage: true, SilenceErrors: true}
+	root.AddCommand(serveCmd(), vmCmd(), auditCmd())
+	return root
+}
+
+func serveCmd() *cobra.Command {
+	var opts verifier.Options
+	var listen, adminListen, addrFile, adminAddrFile, rootsFile, logFormat, logLevel string
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Serve the KBS protocol and the admin API",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			opts.Logger = daemon.Logger("svsm-verifier", logFormat, logLevel)
+			if rootsFile != "" {
+				b, err := os.ReadFile(rootsFile)
+				if err != nil {
+					return fmt.Errorf("trusted roots: %w", err)
+				}
+				opts.TrustedRootsPEM = b
+			}
+			v, err := verifier.New(opts)
+			if err != nil {
+				return err
+			}
+			defer v.Close()
+			ctx, stop := daemon.SignalContext()
+			defer stop()
+			kbsLn, err := daemon.Listen(listen, addrFile)
+			if err != nil {
+				return err
+			}
+			adminLn, err := daemon.Listen(adminListen, adminAddrFile)
+			if err != nil {
+				return err
+			}
+			roots := "genuine AMD"
+			if rootsFile != "" {
+				roots = rootsFile
+			}
+			opts.Logger.Info("svsm-verifier serving", "kbs", kbsLn.Addr().String(), "admin", adminLn.Addr().String(), "trusted_roots", roots, "kds", opts.KDSBaseURL, "admin_token_file", v.AdminTokenPath())
+			var g errgroup.Group
+			g.Go(func() error { return verifier.Serve(ctx, kbsLn, v.KBSHandler()) })
+			g.Go(func() error { return verifier.Serve(ctx, adminLn, v.AdminHandler()) })
+			return g.Wait()
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&opts.DataDir, "data-dir", "", "directory for verifier.db and admin.token (required)")
+	f.StringVar(&listen, "listen", "127.0.0.1:8080", "KBS address")
+	f.StringVar(&adminListen, "admin-listen", "127.0.0.1:8081", "admin API address")
+	f.StringVar(&addrFile, "addr-file", "", "write the bound KBS address here")
+	f.StringVar(&adminAddrFile, "admin-addr-file", "", "write the bound admin address here")
+	f.StringVar(&opts.KDSBaseURL, "kds-url", "", "base URL replacing https://kdsintf.amd.com for VCEK fetches (e.g. fakesnp)")
+	f.StringVar(&rootsFile, "trusted-roots", "", "PEM cert_chain (ASK, ARK) to trust instead of AMD's genuine roots")
+	f.StringVar(&logFormat, "log-format", "text", "text or json")
+	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	_ = cmd.MarkFlagRequired("data-dir")
+	return cmd
+}
+
+type adminFlags struct {
+	url, tokenFile string
+}
+
+func (a *adminFlags) add(cmd *cobra.Command) {
+	cmd.PersistentFlags().StringVar(&a.url, "admin-url", "http://127.0.0.1:8081", "admin API base URL")
+	cmd.PersistentFlags().StringVar(&a.tokenFile, "token-file", "", "file holding the admin bearer token (the server's DATA_DIR/admin.token)")
+}
+
+func (a *adminFlags) client() (*verifier.AdminClient, error) {
+	if a.tokenFile == "" {
+		return nil, errors.New("--token-file is required")
+	}
+	b, err := os.ReadFile(a.tokenFile)
+	if err != nil {
+		return nil, fmt.Errorf("admin token: %w", err)
+	}
+	return &verifier.AdminClient{BaseURL: strings.TrimSuffix(a.url, "/"), Token: strings.TrimSpace(string(b))}, nil
+}
+
+func printJSON(v any) error {
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+func ctx30() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), 30*time.Second)
+}
+
+// ParseTCB parses "bl,tee,snp,ucode".
+func parseTCB(s string) (*kds.TCBParts, error) {
+	parts := strings.Split(s, ",")
+	if len(parts) != 4 {
+		return nil, fmt.Errorf("min TCB %q: want bl,tee,snp,ucode", s)
+	}
+	var v [4]uint8
+	for i, p := range parts {
+		n, err := strconv.ParseUint(strings.TrimSpace(p), 10, 8)
+		if err != nil {
+			return nil, fmt.Errorf("min TCB %q: %w", s, err)
+		}
+		v[i] = uint8(n)
+	}
+	return &kds.TCBParts{BlSpl: v[0], TeeSpl: v[1], SnpSpl: v[2], UcodeSpl: v[3]}, nil
+}
+
+func vmCmd() *cobra.Command {
+	var a adminFlags
+	cmd := &cobra.Command{Use: "vm", Short: "Register, show and prime VMs through the admin API"}
+	a.add(cmd)
+
+	var spec verifier.VMSpec
+	var measurements, chipIDs []string
+	var hostData, minTCB string
+	register := &cobra.Command{
+		Use:   "register NAME",
+		Short: "Register a VM with its reference measurements and policy",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			spec.Name = args[0]
+			for _, m := range measurements {
+				b, err := hex.DecodeString(m)
+				if err != nil {
+					return fmt.Errorf("--measurement %q: %w", m, err)
+				}
+				spec.Measurements = append(spec.Measurements, b)
+			}
+			for _, c := range chipIDs {
+				b, err := hex.DecodeString(c)
+				if err != nil {
+					return fmt.Errorf("--chip-id %q: %w", c, err)
+				}
+				spec.ChipIDs = append(spec.ChipIDs, b)
+			}
+			if hostData != "" {
+				b, err := hex.DecodeString(hostData)
+				if err != nil {
+					return fmt.Errorf("--host-data: %w", err)
+				}
+				spec.HostData = b
+			}
+			if minTCB != "" {
+				t, err := parseTCB(minTCB)
+				if err != nil {
+					return err
+				}
+				spec.MinTCB = t
+			}
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctx30()
+			defer cancel()
+			view, err := c.Register(ctx, spec)
+			if err != nil {
+				return err
+			}
+			return printJSON(view)
+		},
+	}
+	rf := register.Flags()
+	rf.StringSliceVar(&measurements, "measurement", nil, "allowed launch digest, 96 hex digits (repeatable)")
+	rf.StringVar(&hostData, "host-data", "", "HOST_DATA to pin, 64 hex digits")
+	rf.StringSliceVar(&chipIDs, "chip-id", nil, "allowed CHIP_ID, 128 hex digits (repeatable)")
+	rf.BoolVar(&spec.AllowDebug, "allow-debug", false, "accept a guest policy with debugging allowed")
+	rf.BoolVar(&spec.AllowMigrateMA, "allow-migrate-ma", false, "accept a guest policy with a migration agent")
+	rf.StringVar(&minTCB, "min-tcb", "", "minimum reported TCB as bl,tee,snp,ucode")
+	rf.StringVar(&spec.SecretMode, "secret-mode", protocol.SecretModeV1, "raw (32-byte state key, upstream) or v1 (with freshness data)")
+	rf.BoolVar(&spec.WriteThrough, "write-through", false, "guest confirms every runtime state write (v1)")
+	_ = register.MarkFlagRequired("measurement")
+
+	show := &cobra.Command{
+		Use: "show NAME", Short: "Show a VM (never its key)", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctx30()
+			defer cancel()
+			view, err := c.Show(ctx, args[0])
+			if err != nil {
+				return err
+			}
+			return printJSON(view)
+		},
+	}
+	prime := &cobra.Command{
+		Use: "prime NAME", Short: "Allow exactly one more key release (one boot)", Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctx30()
+			defer cancel()
+			view, err := c.Prime(ctx, args[0])
+			if err != nil {
+				return err
+			}
+			return printJSON(view)
+		},
+	}
+	cmd.AddCommand(register, show, prime)
+	return cmd
+}
+
+func auditCmd() *cobra.Command {
+	var a adminFlags
+	var vm string
+	var since uint64
+	cmd := &cobra.Command{
+		Use: "audit", Short: "Print the audit trail as JSON lines",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctx30()
+			defer cancel()
+			evs, err := c.Audit(ctx, vm, since)
+			if err != nil {
+				return err
+			}
+			enc := json.NewEncoder(os.Stdout)
+			for _, e := range evs {
+				if err := enc.Encode(e); err != nil {
+					return err
+				}
+			}
+			return nil
+		},
+	}
+	a.add(cmd)
+	cmd.Flags().StringVar(&vm, "vm", "", "only this VM")
+	cmd.Flags().Uint64Var(&since, "since", 0, "only events after this sequence number")
+	return cmd
+}

@@ -1,0 +1,300 @@
+// Package harness is the Go API that starts a simulated confidential-VM stack and plays the
+// malicious host against it. This file runs the host side: fakesnp, svsm-verifier and
+// svsm-proxy as real child processes on real sockets, wired as PROTOCOLS.md §6 describes.
+package harness
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/sha512"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/svsm-e2e/svsm-e2e/fakesnp"
+	"github.com/svsm-e2e/svsm-e2e/internal/daemon"
+	"github.com/svsm-e2e/svsm-e2e/protocol"
+	"github.com/svsm-e2e/svsm-e2e/verifier"
+)
+
+// Binaries names the executables the host side runs.
+type Binaries struct {
+	FakeSNP, Verifier, Proxy string
+}
+
+// FindBinaries looks in dir (if set), then beside the running executable, then in PATH.
+func FindBinaries(dir string) (Binaries, error) {
+	var dirs []string
+	if dir != "" {
+		dirs = append(dirs, dir)
+	}
+	if exe, err := os.Executable(); err == nil {
+		dirs = append(dirs, filepath.Dir(exe))
+	}
+	find := func(name string) (string, error) {
+		for _, d := range dirs {
+			p := filepath.Join(d, name)
+			if st, err := os.Stat(p); err == nil && !st.IsDir() {
+				return p, nil
+			}
+		}
+		p, err := exec.LookPath(name)
+		if err != nil {
+			return "", fmt.Errorf("binary %s not found in %v or PATH (run `make build`)", name, dirs)
+		}
+		return p, nil
+	}
+	var b Binaries
+	var err error
+	if b.FakeSNP, err = find("fakesnp"); err != nil {
+		return b, err
+	}
+	if b.Verifier, err = find("svsm-verifier"); err != nil {
+		return b, err
+	}
+	b.Proxy, err = find("svsm-proxy")
+	return b, err
+}
+
+// HostOptions configures StartHost.
+type HostOptions struct {
+	WorkDir  string
+	Binaries Binaries
+	// ReadyTimeout bounds each component's start (default 60 s: a fresh fake chain takes a
+	// couple of seconds of RSA-4096 key generation).
+	ReadyTimeout time.Duration
+	Logger       *slog.Logger
+}
+
+// Host is a running host side.
+type Host struct {
+	opts        HostOptions
+	FakeSNP     *Proc
+	Verifier    *Proc
+	Proxy       *Proc
+	FakeSNPURL  string
+	VerifierURL string
+	AdminURL    string
+	ProxySocket string
+	TokenFile   string
+	Admin       *verifier.AdminClient
+	SNP         *fakesnp.Client
+	log         *slog.Logger
+}
+
+func (h *Host) path(parts ...string) string {
+	return filepath.Join(append([]string{h.opts.WorkDir}, parts...)...)
+}
+
+// StartHost starts fakesnp, then the verifier (trusting fakesnp's chain, fetching VCEKs from
+// it), then the proxy. On error everything started is stopped.
+func StartHost(ctx context.Context, opts HostOptions) (h *Host, err error) {
+	if opts.WorkDir == "" {
+		return nil, errors.New("harness: WorkDir is required")
+	}
+	if opts.ReadyTimeout == 0 {
+		opts.ReadyTimeout = 60 * time.Second
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if err := os.MkdirAll(opts.WorkDir, 0o755); err != nil {
+		return nil, err
+	}
+	h = &Host{opts: opts, log: opts.Logger}
+	defer func() {
+		if err != nil {
+			h.Stop()
+		}
+	}()
+	if err := h.startFakeSNP(ctx); err != nil {
+		return nil, err
+	}
+	if err := h.StartVerifier(ctx); err != nil {
+		return nil, err
+	}
+	if err := h.startProxy(ctx); err != nil {
+		return nil, err
+	}
+	return h, nil
+}
+
+func (h *Host) startFakeSNP(ctx context.Context) error {
+	addrFile := h.path("run", "fakesnp.addr")
+	_ = os.MkdirAll(filepath.Dir(addrFile), 0o755)
+	_ = os.Remove(addrFile)
+	p, err := StartProc("fakesnp", h.opts.Binaries.FakeSNP, []string{"serve", "--state-dir", h.path("fakesnp"), "--listen", "127.0.0.1:0", "--addr-file", addrFile}, h.path("logs", "fakesnp.log"))
+	if err != nil {
+		return err
+	}
+	h.FakeSNP = p
+	rctx, cancel := context.WithTimeout(ctx, h.opts.ReadyTimeout)
+	defer cancel()
+	addr, err := p.waitReady(rctx, addrFile)
+	if err != nil {
+		return err
+	}
+	h.FakeSNPURL = "http://" + addr
+	h.SNP = &fakesnp.Client{BaseURL: h.FakeSNPURL}
+	chain, err := h.SNP.CertChain(ctx)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(h.path("fakesnp-roots.pem"), chain, 0o644)
+}
+
+// StartVerifier (re)starts the verifier on its existing data directory. The listen ports of
+// a restart are new; VerifierURL and AdminURL are updated, and the proxy must be restarted
+// to follow (RestartVerifier does both).
+func (h *Host) StartVerifier(ctx context.Context) error {
+	addrFile, adminFile := h.path("run", "verifier.addr"), h.path("run", "verifier-admin.addr")
+	_ = os.Remove(addrFile)
+	_ = os.Remove(adminFile)
+	listen, adminListen := "127.0.0.1:0", "127.0.0.1:0"
+	if h.VerifierURL != "" { // keep addresses across restarts so the proxy keeps working
+		listen, adminListen = strings.TrimPrefix(h.VerifierURL, "http://"), strings.TrimPrefix(h.AdminURL, "http://")
+	}
+	args := []string{"serve", "--data-dir", h.path("verifier"), "--listen", listen, "--admin-listen", adminListen,
+		"--addr-file", addrFile, "--admin-addr-file", adminFile, "--kds-url", h.FakeSNPURL, "--trusted-roots", h.path("fakesnp-roots.pem")}
+	p, err := StartProc("svsm-verifier", h.opts.Binaries.Verifier, args, h.path("logs", "svsm-verifier.log"))
+	if err != nil {
+		return err
+	}
+	h.Verifier = p
+	rctx, cancel := context.WithTimeout(ctx, h.opts.ReadyTimeout)
+	defer cancel()
+	addr, err := p.waitReady(rctx, addrFile)
+	if err != nil {
+		return err
+	}
+	admin, err := p.waitReady(rctx, adminFile)
+	if err != nil {
+		return err
+	}
+	h.VerifierURL, h.AdminURL = "http://"+addr, "http://"+admin
+	h.TokenFile = h.path("verifier", "admin.token")
+	tok, err := os.ReadFile(h.TokenFile)
+	if err != nil {
+		return fmt.Errorf("verifier admin token: %w", err)
+	}
+	h.Admin = &verifier.AdminClient{BaseURL: h.AdminURL, Token: strings.TrimSpace(string(tok))}
+	return nil
+}
+
+// KillVerifier SIGKILLs the verifier (a crash, not a shutdown).
+func (h *Host) KillVerifier() { h.Verifier.Kill() }
+
+// RestartVerifier stops (or has lost) the verifier and starts it again on the same database
+// and addresses.
+func (h *Host) RestartVerifier(ctx context.Context) error {
+	_ = h.Verifier.Stop(5 * time.Second)
+	return h.StartVerifier(ctx)
+}
+
+func (h *Host) startProxy(ctx context.Context) error {
+	h.ProxySocket = h.path("run", "proxy.sock")
+	addrFile := h.path("run", "proxy.addr")
+	_ = os.Remove(addrFile)
+	p, err := StartProc("svsm-proxy", h.opts.Binaries.Proxy, []string{"--listen-unix", h.ProxySocket, "--addr-file", addrFile, "--verifier-url", h.VerifierURL, "--step-timeout", "30s"}, h.path("logs", "svsm-proxy.log"))
+	if err != nil {
+		return err
+	}
+	h.Proxy = p
+	rctx, cancel := context.WithTimeout(ctx, h.opts.ReadyTimeout)
+	defer cancel()
+	_, err = p.waitReady(rctx, addrFile)
+	return err
+}
+
+// Stop stops every component (SIGTERM, then SIGKILL after a grace period).
+func (h *Host) Stop() error {
+	var errs []error
+	for _, p := range []*Proc{h.Proxy, h.Verifier, h.FakeSNP} {
+		if p != nil {
+			if err := p.Stop(5 * time.Second); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// VMSetup describes one VM to launch and register.
+type VMSetup struct {
+	Name        string
+	Measurement []byte // 48 bytes; default DefaultMeasurement()
+	HostData    []byte // 32 bytes; default SHA-256 of the name
+	SecretMode  string // raw or v1 (default v1)
+	Chip        string // default chip0
+	Policy      uint64
+	Faults      fakesnp.Faults
+	// Spec overrides policy fields of the registration (Name, Measurements, HostData and
+	// SecretMode are filled from above).
+	Spec verifier.VMSpec
+	// Prime primes one boot request after registering.
+	Prime bool
+}
+
+// DefaultMeasurement is the launch digest `host up` uses when none is given: SHA-384 of a
+// fixed label, standing for "some launched image" until an IGVM is built.
+func DefaultMeasurement() []byte {
+	d := sha512.Sum384([]byte("svsm-e2e default launch"))
+	return d[:]
+}
+
+// AddVM launches a VM at fakesnp (its §4 channel) and registers it at the verifier.
+func (h *Host) AddVM(ctx context.Context, s VMSetup) (*protocol.HostJSON, error) {
+	if len(s.Measurement) == 0 {
+		s.Measurement = DefaultMeasurement()
+	}
+	if len(s.HostData) == 0 {
+		d := sha256.Sum256([]byte(s.Name))
+		s.HostData = d[:]
+	}
+	if s.SecretMode == "" {
+		s.SecretMode = protocol.SecretModeV1
+	}
+	if s.Chip == "" {
+		s.Chip = "chip0"
+	}
+	info, err := h.SNP.AddLaunch(ctx, fakesnp.LaunchSpec{Name: s.Name, Chip: s.Chip, Measurement: s.Measurement, HostData: s.HostData, Policy: s.Policy, Faults: s.Faults,
+		Socket: h.path("run", "snp-"+s.Name+".sock")})
+	if err != nil {
+		return nil, err
+	}
+	spec := s.Spec
+	spec.Name, spec.Measurements, spec.HostData, spec.SecretMode = s.Name, []protocol.HexBytes{s.Measurement}, s.HostData, s.SecretMode
+	if _, err := h.Admin.Register(ctx, spec); err != nil {
+		return nil, err
+	}
+	if s.Prime {
+		if _, err := h.Admin.Prime(ctx, s.Name); err != nil {
+			return nil, err
+		}
+	}
+	return &protocol.HostJSON{
+		ProxySocket: h.ProxySocket, SNPSocket: info.Socket, VerifierURL: h.VerifierURL, AdminURL: h.AdminURL,
+		AdminTokenFile: h.TokenFile, VM: s.Name, Measurement: hex.EncodeToString(s.Measurement),
+		HostData: hex.EncodeToString(s.HostData), SecretMode: s.SecretMode, FakeSNPURL: h.FakeSNPURL, Launch: s.Name, Chip: s.Chip,
+	}, nil
+}
+
+// WriteHostJSON writes hj to path atomically.
+func WriteHostJSON(path string, hj *protocol.HostJSON) error {
+	b, err := json.MarshalIndent(hj, "", "  ")
+	if err != nil {
+		return err
+	}
+	return daemon.WriteFileAtomic(path, append(b, '\n'))
+}
+
+func waitAddrFile(ctx context.Context, path string) (string, error) {
+	return daemon.WaitAddrFile(ctx, path)
+}

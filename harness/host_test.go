@@ -1,0 +1,227 @@
+package harness_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/svsm-e2e/svsm-e2e/fakesnp"
+	"github.com/svsm-e2e/svsm-e2e/harness"
+	"github.com/svsm-e2e/svsm-e2e/protocol"
+	"github.com/svsm-e2e/svsm-e2e/svsm/attest"
+	"github.com/svsm-e2e/svsm-e2e/verifier"
+)
+
+var bins harness.Binaries
+
+// TestMain builds the real binaries once; every test then runs them as child processes.
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "svsm-e2e-bin-")
+	if err != nil {
+		panic(err)
+	}
+	out, err := exec.Command("go", "build", "-o", dir+"/", "../cmd/fakesnp", "../cmd/svsm-verifier", "../cmd/svsm-proxy").CombinedOutput()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "build binaries: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	bins, err = harness.FindBinaries(dir)
+	if err != nil {
+		panic(err)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// caTemplate holds one fake AMD chain generated per test binary run and copied into each
+// host's fakesnp state: RSA-4096 generation is the slowest part of a start.
+var caOnce sync.Once
+var caDir string
+
+func startHost(t *testing.T) *harness.Host {
+	t.Helper()
+	work := t.TempDir()
+	caOnce.Do(func() {
+		caDir, _ = os.MkdirTemp("", "svsm-e2e-ca-")
+		if _, err := fakesnp.LoadOrCreateCA(fakesnp.CAOptions{Dir: caDir}); err != nil {
+			panic(err)
+		}
+	})
+	if err := os.CopyFS(filepath.Join(work, "fakesnp", "ca"), os.DirFS(caDir)); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	h, err := harness.StartHost(ctx, harness.HostOptions{WorkDir: work, Binaries: bins})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := h.Stop(); err != nil {
+			t.Error(err)
+		}
+		if t.Failed() {
+			for _, p := range []*harness.Proc{h.FakeSNP, h.Verifier, h.Proxy} {
+				b, _ := os.ReadFile(p.LogPath)
+				t.Logf("--- %s log ---\n%s", p.Name, b)
+			}
+		}
+	})
+	return h
+}
+
+// guest plays the SVSM's attestation with the real guest driver.
+func guest(ctx context.Context, hj *protocol.HostJSON) (*attest.Result, error) {
+	snp, err := net.Dial("unix", hj.SNPSocket)
+	if err != nil {
+		return nil, err
+	}
+	defer snp.Close()
+	px, err := net.Dial("unix", hj.ProxySocket)
+	if err != nil {
+		return nil, err
+	}
+	defer px.Close()
+	return attest.Attest(ctx, px, attest.NewChannelQuoteProvider(snp, 10*time.Second))
+}
+
+func lastAudit(t *testing.T, h *harness.Host, vm string) verifier.AuditEvent {
+	t.Helper()
+	evs, err := h.Admin.Audit(context.Background(), vm, 0)
+	if err != nil || len(evs) == 0 {
+		t.Fatalf("audit: %v (%d events)", err, len(evs))
+	}
+	return evs[len(evs)-1]
+}
+
+func TestAttestReleaseOncePerBootRequest(t *testing.T) {
+	h := startHost(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	hj, err := h.AddVM(ctx, harness.VMSetup{Name: "vm1", SecretMode: protocol.SecretModeV1, Prime: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := guest(ctx, hj)
+	if err != nil {
+		t.Fatalf("first attestation: %v", err)
+	}
+	var p protocol.SecretPayloadV1
+	if err := p.UnmarshalBinary(res.Secret); err != nil {
+		t.Fatal(err)
+	}
+	if p.ExpectedCounter != 0 || p.NextCounter != 1 {
+		t.Fatalf("payload counters %d→%d, want 0→1", p.ExpectedCounter, p.NextCounter)
+	}
+	if ev := lastAudit(t, h, "vm1"); ev.Event != "release" || ev.Outcome != verifier.Allow {
+		t.Fatalf("audit after release = %+v", ev)
+	}
+	// A clone attests again without a new boot request: refused, audited.
+	_, err = guest(ctx, hj)
+	if !errors.Is(err, attest.ErrRefused) {
+		t.Fatalf("second attestation = %v, want refusal", err)
+	}
+	if ev := lastAudit(t, h, "vm1"); ev.Event != "release" || ev.Outcome != verifier.Deny || !strings.Contains(ev.Reason, "boot_request") {
+		t.Fatalf("audit after clone = %+v", ev)
+	}
+	// Confirm the advance through the proxy (0.2.0).
+	px, err := net.Dial("unix", hj.ProxySocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := attest.Confirm(ctx, px, p.ConfirmKey[:], p.BootID[:], p.NextCounter)
+	px.Close()
+	if err != nil || resp.Counter != 1 {
+		t.Fatalf("confirm = %+v, %v", resp, err)
+	}
+	// Prime again: released, with the counter advanced.
+	if _, err := h.Admin.Prime(ctx, "vm1"); err != nil {
+		t.Fatal(err)
+	}
+	res, err = guest(ctx, hj)
+	if err != nil {
+		t.Fatalf("attestation after prime: %v", err)
+	}
+	var p2 protocol.SecretPayloadV1
+	if err := p2.UnmarshalBinary(res.Secret); err != nil {
+		t.Fatal(err)
+	}
+	if p2.ExpectedCounter != 1 || p2.StateKey != p.StateKey || p2.BootID == p.BootID {
+		t.Fatalf("second boot payload = %+v", p2)
+	}
+	// The first boot's confirmation key can no longer move the counter.
+	px, _ = net.Dial("unix", hj.ProxySocket)
+	_, err = attest.Confirm(ctx, px, p.ConfirmKey[:], p.BootID[:], 2)
+	px.Close()
+	if err == nil || !strings.Contains(err.Error(), "superseded") {
+		t.Fatalf("stale boot confirm = %v", err)
+	}
+}
+
+func TestAttestRefusals(t *testing.T) {
+	h := startHost(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	defer cancel()
+	tests := []struct {
+		name   string
+		setup  harness.VMSetup
+		field  string
+		mutate func(h *harness.Host, hj *protocol.HostJSON)
+	}{
+		{name: "wrong measurement", setup: harness.VMSetup{Spec: verifier.VMSpec{}}, field: "measurement",
+			mutate: func(h *harness.Host, hj *protocol.HostJSON) {
+				// Launch a different image under the same HOST_DATA: re-add with another digest.
+				name := hj.VM + "-other"
+				hd, _ := hex.DecodeString(hj.HostData)
+				info, err := h.SNP.AddLaunch(ctx, fakesnp.LaunchSpec{Name: name, Measurement: bytes.Repeat([]byte{7}, 48), HostData: hd})
+				if err != nil {
+					t.Fatal(err)
+				}
+				hj.SNPSocket = info.Socket
+			}},
+		{name: "debug policy", setup: harness.VMSetup{Policy: fakesnp.DefaultPolicy | fakesnp.PolicyDebug}, field: "policy.debug"},
+		{name: "TCB below minimum", setup: harness.VMSetup{Faults: fakesnp.Faults{StaleTCB: true}, Spec: verifier.VMSpec{MinTCB: &fakesnp.DefaultTCB}}, field: "reported_tcb"},
+		{name: "flipped report byte", setup: harness.VMSetup{Faults: fakesnp.Faults{BadSignature: true}}, field: "signature"},
+		{name: "other chip signs", setup: harness.VMSetup{Faults: fakesnp.Faults{SignWithChip: "chip9"}}, field: "signature"},
+	}
+	for i, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			tc.setup.Name = fmt.Sprintf("neg%d", i)
+			tc.setup.Prime = true
+			hj, err := h.AddVM(ctx, tc.setup)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.mutate != nil {
+				tc.mutate(h, hj)
+			}
+			_, err = guest(ctx, hj)
+			if !errors.Is(err, attest.ErrRefused) {
+				t.Fatalf("attestation = %v, want refusal", err)
+			}
+			evs, err := h.Admin.Audit(ctx, "", 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ev := evs[len(evs)-1]
+			if ev.Event != "attest" || ev.Outcome != verifier.Deny || !strings.HasPrefix(ev.Reason, tc.field+":") {
+				t.Fatalf("audit = %+v, want attest deny naming %q", ev, tc.field)
+			}
+			view, _ := h.Admin.Show(ctx, tc.setup.Name)
+			if view.Releases != 0 || !view.Primed {
+				t.Fatalf("vm after refusal = %+v: nothing may be released or consumed", view)
+			}
+		})
+	}
+}
