@@ -7,6 +7,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -225,3 +227,24 @@ func TestAttestRefusals(t *testing.T) {
 		})
 	}
 }
+
+type cookieJar struct {
+	mu      sync.Mutex
+	cookies []*http.Cookie
+}
+
+func (j *cookieJar) SetCookies(_ *url.URL, cs []*http.Cookie) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.cookies = append(j.cookies, cs...)
+}
+
+func (j *cookieJar) Cookies(_ *url.URL) []*http.Cookie {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.cookies
+}
+
+func fakesnpFaults(status uint32) fakesnp.Faults { return fakesnp.Faults{FirmwareStatus: status} }
+
+func asFirmwareError(err error, target **attest.FirmwareError) bool { return errors.As(err, target) }
