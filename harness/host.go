@@ -89,6 +89,9 @@ type Host struct {
 	log         *slog.Logger
 }
 
+// Path joins parts under the host's work directory.
+func (h *Host) Path(parts ...string) string { return h.path(parts...) }
+
 func (h *Host) path(parts ...string) string {
 	return filepath.Join(append([]string{h.opts.WorkDir}, parts...)...)
 }

@@ -581,7 +581,7 @@ func (v *Verifier) Confirm(req *protocol.ConfirmRequest) (*protocol.ConfirmRespo
 			return deny(vm.Name, vm.Counter, "boot %s was superseded by a later release", id)
 		}
 		switch {
-		case req.Counter == vm.Counter && boot.Confirmed == req.Counter:
+		case req.Counter == vm.Counter && boot.Confirmed >= boot.Next && boot.Confirmed == req.Counter:
 			resp.Success, resp.Counter = true, vm.Counter // idempotent repeat
 			return nil
 		case req.Counter == vm.Counter+1 && (req.Counter == boot.Next || (vm.WriteThrough && boot.Confirmed >= boot.Next)):

@@ -1,0 +1,5 @@
+package fakesnp
+
+import "github.com/google/go-sev-guest/kds"
+
+func kdsTCB(v uint64) kds.TCBVersion { return kds.TCBVersion(v) }

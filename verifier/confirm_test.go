@@ -1,0 +1,160 @@
+package verifier
+
+import (
+	"bytes"
+	"crypto/ecdh"
+	"crypto/rand"
+	"encoding/hex"
+	"strings"
+	"testing"
+
+	"github.com/svsm-e2e/svsm-e2e/protocol"
+)
+
+func newTestVerifier(t *testing.T) *Verifier {
+	t.Helper()
+	v, err := New(Options{DataDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { v.Close() })
+	return v
+}
+
+// releaseV1 registers/primes and releases directly (the evidence path is covered by the
+// harness integration tests), returning the decrypted payload.
+func releaseV1(t *testing.T, v *Verifier, name string) protocol.SecretPayloadV1 {
+	t.Helper()
+	if _, err := v.Prime(name); err != nil {
+		t.Fatal(err)
+	}
+	priv, _ := ecdh.P521().GenerateKey(rand.Reader)
+	jwe, ref, err := v.release(name, "s", protocol.ECPublicKeyFromECDH(priv.PublicKey()))
+	if err != nil || ref != nil {
+		t.Fatalf("release: %v %v", err, ref)
+	}
+	d, ct, err := protocol.DecryptionFromJWE(jwe)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pt, err := protocol.DecryptSecret(priv, d, ct)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var p protocol.SecretPayloadV1
+	if err := p.UnmarshalBinary(pt); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestConfirmRules(t *testing.T) {
+	for _, wt := range []bool{false, true} {
+		v := newTestVerifier(t)
+		if _, err := v.Register(VMSpec{Name: "vm", Measurements: []protocol.HexBytes{make([]byte, 48)}, SecretMode: "v1", WriteThrough: wt}); err != nil {
+			t.Fatal(err)
+		}
+		p := releaseV1(t, v, "vm")
+		if p.ExpectedCounter != 0 || p.NextCounter != 1 || p.WriteThrough != wt {
+			t.Fatalf("payload %+v", p)
+		}
+		confirm := func(key []byte, boot []byte, c uint64) *protocol.ConfirmResponse {
+			r, err := v.Confirm(protocol.NewConfirmRequest(key, boot, c))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return r
+		}
+		steps := []struct {
+			name    string
+			key     []byte
+			counter uint64
+			ok      bool
+			reason  string
+		}{
+			{"wrong mac", bytes.Repeat([]byte{1}, 32), 1, false, "mac"},
+			{"skip ahead", p.ConfirmKey[:], 2, false, "neither"},
+			{"current counter before advance", p.ConfirmKey[:], 0, false, "neither"},
+			{"advance", p.ConfirmKey[:], 1, true, ""},
+			{"idempotent repeat", p.ConfirmKey[:], 1, true, ""},
+			{"runtime write", p.ConfirmKey[:], 2, wt, "neither"},
+		}
+		for _, s := range steps {
+			r := confirm(s.key, p.BootID[:], s.counter)
+			if r.Success != s.ok || (!s.ok && !strings.Contains(r.Reason, s.reason)) {
+				t.Errorf("write-through=%v %s: %+v", wt, s.name, r)
+			}
+		}
+		if r := confirm(p.ConfirmKey[:], make([]byte, 16), 1); r.Success || !strings.Contains(r.Reason, "unknown boot") {
+			t.Errorf("unknown boot: %+v", r)
+		}
+		// A new release supersedes the old boot.
+		p2 := releaseV1(t, v, "vm")
+		want := uint64(1)
+		if wt {
+			want = 2
+		}
+		if p2.ExpectedCounter != want {
+			t.Errorf("write-through=%v: next boot expects %d, want %d", wt, p2.ExpectedCounter, want)
+		}
+		if r := confirm(p.ConfirmKey[:], p.BootID[:], want+1); r.Success || !strings.Contains(r.Reason, "superseded") {
+			t.Errorf("superseded boot: %+v", r)
+		}
+		evs, _ := v.Store().AuditEvents("vm", 0, 0)
+		var denies int
+		for _, e := range evs {
+			if e.Event == "confirm" && e.Outcome == Deny {
+				denies++
+			}
+		}
+		if denies < 4 {
+			t.Errorf("write-through=%v: %d confirm denials audited", wt, denies)
+		}
+	}
+}
+
+func TestReleaseOnceAndRawMode(t *testing.T) {
+	v := newTestVerifier(t)
+	view, err := v.Register(VMSpec{Name: "raw", Measurements: []protocol.HexBytes{make([]byte, 48)}, SecretMode: "raw"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	priv, _ := ecdh.P521().GenerateKey(rand.Reader)
+	key := protocol.ECPublicKeyFromECDH(priv.PublicKey())
+	if _, ref, _ := v.release("raw", "s", key); ref == nil || ref.Field != "boot_request" {
+		t.Fatalf("release without prime: %v", ref)
+	}
+	v.Prime("raw")
+	jwe, ref, err := v.release("raw", "s", key)
+	if err != nil || ref != nil {
+		t.Fatal(err, ref)
+	}
+	d, ct, _ := protocol.DecryptionFromJWE(jwe)
+	pt, err := protocol.DecryptSecret(priv, d, ct)
+	if err != nil || len(pt) != 32 {
+		t.Fatalf("raw secret %d bytes, %v", len(pt), err)
+	}
+	if _, ref, _ := v.release("raw", "s", key); ref == nil {
+		t.Fatal("second release without prime")
+	}
+	if view.ID == nil || hex.EncodeToString(view.ID) == "" {
+		t.Fatal("vm id missing")
+	}
+}
+
+func TestVMSpecValidate(t *testing.T) {
+	m := []protocol.HexBytes{make([]byte, 48)}
+	for _, tc := range []VMSpec{
+		{Name: "", Measurements: m},
+		{Name: "a/b", Measurements: m},
+		{Name: "a"},
+		{Name: "a", Measurements: []protocol.HexBytes{make([]byte, 47)}},
+		{Name: "a", Measurements: m, HostData: make([]byte, 31)},
+		{Name: "a", Measurements: m, SecretMode: "aes"},
+		{Name: "a", Measurements: m, SecretMode: "raw", WriteThrough: true},
+	} {
+		if err := tc.Validate(); err == nil {
+			t.Errorf("%+v accepted", tc)
+		}
+	}
+}
