@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what svsm-e2e needs on a fresh Debian 12 machine, and nothing that is already there.
+# Used by `make demo`, `make test` and CI. Idempotent: a second run installs nothing.
+set -euo pipefail
+
+# Base: cgo (race detector now; the TPM simulator later).
+pkgs=(gcc libc6-dev)
+# Extra package sets, by need.
+case "${BACKEND:-process}" in
+  qemu) pkgs+=(qemu-system-x86) ;;
+esac
+
+missing=()
+for p in "${pkgs[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+if ((${#missing[@]})); then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  echo "install-deps: apt-get install ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  echo "install-deps: Debian packages present (${pkgs[*]})"
+fi
+
+if ! command -v go >/dev/null 2>&1; then
+  echo "install-deps: Go 1.26 is required and is not on PATH (expected at /usr/local/go/bin)" >&2
+  exit 1
+fi
+go mod download
+echo "install-deps: Go modules present"
