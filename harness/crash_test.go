@@ -159,5 +159,3 @@ func TestVerifierKill9UnderLoad(t *testing.T) {
 		}
 	}
 }
-
-

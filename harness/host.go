@@ -181,6 +181,14 @@ func (h *Host) StartVerifier(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if h.Admin != nil {
+		// A restart keeps its addresses and token, so clients held by concurrent users of
+		// the harness stay valid (and are not rewritten under them).
+		if "http://"+addr != h.VerifierURL || "http://"+admin != h.AdminURL {
+			return fmt.Errorf("restarted verifier moved from %s/%s to %s/%s", h.VerifierURL, h.AdminURL, addr, admin)
+		}
+		return nil
+	}
 	h.VerifierURL, h.AdminURL = "http://"+addr, "http://"+admin
 	h.TokenFile = h.path("verifier", "admin.token")
 	tok, err := os.ReadFile(h.TokenFile)

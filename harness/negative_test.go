@@ -99,6 +99,14 @@ func TestVerifierBindingRefusals(t *testing.T) {
 			rd, _ := protocol.ReportData(protocol.DefaultParams(), bound, n)
 			return attestBody(s.nonce, presented, report(t, hj, rd, 0))
 		}},
+		{"report byte flipped in transit", "signature", func(s *kbsSession) protocol.KBSAttestation {
+			k := newKey()
+			n, _ := base64.StdEncoding.DecodeString(s.nonce)
+			rd, _ := protocol.ReportData(protocol.DefaultParams(), k, n)
+			r := report(t, hj, rd, 0)
+			r[0xC0] ^= 0x01 // HOST_DATA
+			return attestBody(s.nonce, k, r)
+		}},
 		{"VMPL 1 report", "vmpl", func(s *kbsSession) protocol.KBSAttestation {
 			k := newKey()
 			n, _ := base64.StdEncoding.DecodeString(s.nonce)

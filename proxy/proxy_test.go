@@ -1,0 +1,158 @@
+package proxy
+
+import (
+	"context"
+	"crypto/ecdh"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/svsm-e2e/svsm-e2e/protocol"
+)
+
+// fakeKBS records what the proxy sent; it is a stand-in for the verifier's HTTP surface only.
+type fakeKBS struct {
+	mu          sync.Mutex
+	authCookies []string // cookie header seen on each auth
+	n           int
+	paths       []string
+	refuse      bool
+}
+
+func (f *fakeKBS) handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /kbs/v0/auth", func(w http.ResponseWriter, r *http.Request) {
+		f.mu.Lock()
+		f.authCookies = append(f.authCookies, r.Header.Get("Cookie"))
+		f.n++
+		id := fmt.Sprint(f.n)
+		f.mu.Unlock()
+		http.SetCookie(w, &http.Cookie{Name: protocol.KBSSessionCookie, Value: id, Path: "/"})
+		json.NewEncoder(w).Encode(protocol.KBSChallenge{Nonce: base64.StdEncoding.EncodeToString([]byte("nonce-" + id))})
+	})
+	mux.HandleFunc("POST /kbs/v0/attest", func(w http.ResponseWriter, r *http.Request) {
+		var a protocol.KBSAttestation
+		json.NewDecoder(r.Body).Decode(&a)
+		f.mu.Lock()
+		refuse := f.refuse
+		f.mu.Unlock()
+		if refuse {
+			w.WriteHeader(http.StatusUnauthorized)
+			json.NewEncoder(w).Encode(protocol.ProblemDetails{Type: "x", Detail: "nonce: no"})
+			return
+		}
+		json.NewEncoder(w).Encode(protocol.KBSAttestResponse{Token: "tok"})
+	})
+	mux.HandleFunc("GET /kbs/v0/resource/{a}/{b}/{c}", func(w http.ResponseWriter, r *http.Request) {
+		f.mu.Lock()
+		f.paths = append(f.paths, r.URL.Path)
+		f.mu.Unlock()
+		// Encrypt to a key we made up: the proxy cannot tell, and must forward it wrapped.
+		k, _ := ecdh.P521().GenerateKey(rand.Reader)
+		jwe, _ := protocol.EncryptSecret(protocol.ECPublicKeyFromECDH(k.PublicKey()), []byte("secret"))
+		json.NewEncoder(w).Encode(jwe)
+	})
+	return mux
+}
+
+func runGuest(t *testing.T, sock string) (*protocol.NegotiationResponse, *protocol.AttestationResponse) {
+	t.Helper()
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	b, _ := json.Marshal(protocol.NegotiationRequest{Version: protocol.VersionAttest, Tee: protocol.TeeSNP})
+	protocol.WriteFrame(c, b)
+	raw, err := protocol.ReadFrame(c, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	neg, err := protocol.DecodeNegotiationResponse(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, _ := ecdh.P521().GenerateKey(rand.Reader)
+	req := protocol.AttestationRequest{Tee: "snp", Evidence: protocol.Evidence{Snp: &protocol.SnpEvidence{Report: make([]byte, protocol.ReportSize)}},
+		Challenge: neg.Challenge, Key: protocol.ECPublicKeyFromECDH(k.PublicKey())}
+	b, _ = json.Marshal(req)
+	protocol.WriteFrame(c, b)
+	raw, err = protocol.ReadFrame(c, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := protocol.DecodeAttestationResponse(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return neg, resp
+}
+
+func TestProxySessionsAndMapping(t *testing.T) {
+	kbs := &fakeKBS{}
+	srv := httptest.NewServer(kbs.handler())
+	defer srv.Close()
+	p, err := New(Options{VerifierURL: srv.URL, ResourcePath: "vm/a/state-key", StepTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := t.TempDir() + "/p.sock"
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- p.Serve(ctx, ln) }()
+
+	neg, resp := runGuest(t, sock)
+	if string(neg.Challenge) != "nonce-1" || len(neg.Params) != 2 || neg.Params[0] != protocol.ParamEcPublicKeyBytes {
+		t.Fatalf("negotiation = %+v", neg)
+	}
+	if !resp.Success || resp.Token == nil || *resp.Token.Jwt != "tok" || len(resp.Decryption.AAD) == 0 {
+		t.Fatalf("response = %+v", resp)
+	}
+	_, resp2 := runGuest(t, sock)
+	if !resp2.Success {
+		t.Fatal("second connection failed")
+	}
+	kbs.mu.Lock()
+	kbs.refuse = true
+	kbs.mu.Unlock()
+	_, resp3 := runGuest(t, sock)
+	if resp3.Success || resp3.Secret != nil {
+		t.Fatalf("refusal = %+v", resp3)
+	}
+	kbs.mu.Lock()
+	if len(kbs.authCookies) != 3 || kbs.authCookies[1] != "" || kbs.authCookies[2] != "" {
+		t.Errorf("auth cookies %q: each guest connection must start a fresh session", kbs.authCookies)
+	}
+	if kbs.paths[0] != "/kbs/v0/resource/vm/a/state-key" {
+		t.Errorf("resource path %q", kbs.paths[0])
+	}
+	kbs.mu.Unlock()
+	if p.Stats.Attested.Load() != 2 || p.Stats.Refused.Load() != 1 {
+		t.Errorf("stats attested=%d refused=%d", p.Stats.Attested.Load(), p.Stats.Refused.Load())
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestProxyOptions(t *testing.T) {
+	if _, err := New(Options{}); err == nil {
+		t.Error("missing verifier URL accepted")
+	}
+	if _, err := New(Options{VerifierURL: "http://x", ResourcePath: "a/b"}); err == nil {
+		t.Error("two-part resource path accepted")
+	}
+}
