@@ -5,7 +5,7 @@ BACKEND ?= process
 GO ?= go
 BIN := bin
 
-.PHONY: all deps build test unit fuzz demo vet clean
+.PHONY: all deps build test fuzz bench demo vet clean
 
 all: build
 
@@ -31,6 +31,10 @@ fuzz:
 	    echo "== $$pkg $$f"; $(GO) test -run '^$$' -fuzz "^$$f$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
 	  done; \
 	done
+
+# Benchmarks (speed targets live here, never in timed tests).
+bench: deps
+	$(GO) test -run '^$$' -bench . -benchtime 100x ./...
 
 demo: deps build
 	$(BIN)/svsm-e2e demo --backend $(BACKEND) --workdir $(CURDIR)/demo-work

@@ -1,9 +1,9 @@
 package fakesnp
 
 import (
-	"bytes"
+	"github.com/svsm-e2e/svsm-e2e/internal/jsonhttp"
+
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -18,33 +18,8 @@ type Client struct {
 }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
-	var body io.Reader
-	if in != nil {
-		b, err := json.Marshal(in)
-		if err != nil {
-			return err
-		}
-		body = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, c.BaseURL+path, body)
-	if err != nil {
-		return err
-	}
-	hc := c.HTTP
-	if hc == nil {
-		hc = &http.Client{Timeout: 30 * time.Second}
-	}
-	resp, err := hc.Do(req)
-	if err != nil {
-		return fmt.Errorf("fakesnp %s %s: %w", method, path, err)
-	}
-	defer resp.Body.Close()
-	raw, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
-	if resp.StatusCode >= 300 {
-		return fmt.Errorf("fakesnp %s %s: HTTP %d: %s", method, path, resp.StatusCode, bytes.TrimSpace(raw))
-	}
-	if out != nil {
-		return json.Unmarshal(raw, out)
+	if err := jsonhttp.Do(ctx, c.HTTP, method, c.BaseURL+path, nil, in, out); err != nil {
+		return fmt.Errorf("fakesnp: %w", err)
 	}
 	return nil
 }

@@ -51,7 +51,7 @@ func TestMain(m *testing.M) {
 var caOnce sync.Once
 var caDir string
 
-func startHost(t *testing.T) *harness.Host {
+func startHost(t testing.TB) *harness.Host {
 	t.Helper()
 	work := t.TempDir()
 	caOnce.Do(func() {
@@ -83,22 +83,11 @@ func startHost(t *testing.T) *harness.Host {
 	return h
 }
 
-// guest plays the SVSM's attestation with the real guest driver.
 func guest(ctx context.Context, hj *protocol.HostJSON) (*attest.Result, error) {
-	snp, err := net.Dial("unix", hj.SNPSocket)
-	if err != nil {
-		return nil, err
-	}
-	defer snp.Close()
-	px, err := net.Dial("unix", hj.ProxySocket)
-	if err != nil {
-		return nil, err
-	}
-	defer px.Close()
-	return attest.Attest(ctx, px, attest.NewChannelQuoteProvider(snp, 10*time.Second))
+	return harness.Attest(ctx, hj)
 }
 
-func lastAudit(t *testing.T, h *harness.Host, vm string) verifier.AuditEvent {
+func lastAudit(t testing.TB, h *harness.Host, vm string) verifier.AuditEvent {
 	t.Helper()
 	evs, err := h.Admin.Audit(context.Background(), vm, 0)
 	if err != nil || len(evs) == 0 {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -115,19 +114,9 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries) (err er
 		return err
 	}
 	boot := func() (*protocol.SecretPayloadV1, error) {
-		snp, err := net.Dial("unix", hj.SNPSocket)
-		if err != nil {
-			return nil, err
-		}
-		defer snp.Close()
-		px, err := net.Dial("unix", hj.ProxySocket)
-		if err != nil {
-			return nil, err
-		}
-		defer px.Close()
 		actx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		defer cancel()
-		res, err := attest.Attest(actx, px, attest.NewChannelQuoteProvider(snp, 10*time.Second))
+		res, err := harness.Attest(actx, hj)
 		if err != nil {
 			return nil, err
 		}
@@ -138,12 +127,7 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries) (err er
 		return &p, nil
 	}
 	confirm := func(p *protocol.SecretPayloadV1, counter uint64) (*protocol.ConfirmResponse, error) {
-		px, err := net.Dial("unix", hj.ProxySocket)
-		if err != nil {
-			return nil, err
-		}
-		defer px.Close()
-		return attest.Confirm(ctx, px, p.ConfirmKey[:], p.BootID[:], counter)
+		return harness.Confirm(ctx, hj, p.ConfirmKey[:], p.BootID[:], counter)
 	}
 	var p1 *protocol.SecretPayloadV1
 	if err := d.step("svsm", "boot 1: attest through the proxy (P-521 key bound in REPORT_DATA)", func() (string, error) {

@@ -1,0 +1,37 @@
+package harness
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/svsm-e2e/svsm-e2e/protocol"
+	"github.com/svsm-e2e/svsm-e2e/svsm/attest"
+)
+
+// Attest plays one guest attestation against a host side described by hj, with the real
+// guest driver: report from hj.SNPSocket, protocol through hj.ProxySocket.
+func Attest(ctx context.Context, hj *protocol.HostJSON) (*attest.Result, error) {
+	snp, err := net.Dial("unix", hj.SNPSocket)
+	if err != nil {
+		return nil, fmt.Errorf("dial report channel: %w", err)
+	}
+	defer snp.Close()
+	px, err := net.Dial("unix", hj.ProxySocket)
+	if err != nil {
+		return nil, fmt.Errorf("dial proxy: %w", err)
+	}
+	defer px.Close()
+	return attest.Attest(ctx, px, attest.NewChannelQuoteProvider(snp, 10*time.Second))
+}
+
+// Confirm sends one 0.2.0 confirmation through the proxy in hj.
+func Confirm(ctx context.Context, hj *protocol.HostJSON, key, bootID []byte, counter uint64) (*protocol.ConfirmResponse, error) {
+	px, err := net.Dial("unix", hj.ProxySocket)
+	if err != nil {
+		return nil, fmt.Errorf("dial proxy: %w", err)
+	}
+	defer px.Close()
+	return attest.Confirm(ctx, px, key, bootID, counter)
+}
