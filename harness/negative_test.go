@@ -138,6 +138,9 @@ func TestVerifierBindingRefusals(t *testing.T) {
 			if resp.StatusCode != http.StatusUnauthorized {
 				t.Fatalf("resource after refused attest = HTTP %d, want 401", resp.StatusCode)
 			}
+			if ev := lastAudit(t, h, ""); ev.Event != "release" || ev.Outcome != verifier.Deny || !strings.HasPrefix(ev.Reason, "session:") {
+				t.Fatalf("audit of unauthenticated resource = %+v", ev)
+			}
 		})
 	}
 	if v, _ := h.Admin.Show(ctx, "bind"); v.Releases != 0 || !v.Primed {

@@ -263,10 +263,12 @@ func (v *Verifier) handleAuth(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if req.Version != protocol.KBSVersion {
+		v.audit(AuditEvent{Event: "auth", Outcome: Deny, Reason: fmt.Sprintf("version: %q, want %s", req.Version, protocol.KBSVersion)})
 		problem(w, http.StatusBadRequest, "ProtocolVersion", fmt.Sprintf("version %q, this server speaks %s", req.Version, protocol.KBSVersion))
 		return
 	}
 	if req.Tee != protocol.TeeSNP {
+		v.audit(AuditEvent{Event: "auth", Outcome: Deny, Reason: fmt.Sprintf("tee: %q, want %q", req.Tee, protocol.TeeSNP)})
 		problem(w, http.StatusBadRequest, "UnsupportedTee", fmt.Sprintf("tee %q, want %q", req.Tee, protocol.TeeSNP))
 		return
 	}
@@ -435,6 +437,7 @@ func (v *Verifier) handleResource(w http.ResponseWriter, r *http.Request) {
 	} else if auth := r.Header.Get("Authorization"); strings.HasPrefix(auth, "Bearer ") {
 		c, err := v.parseToken(strings.TrimPrefix(auth, "Bearer "))
 		if err != nil {
+			v.audit(AuditEvent{Event: "release", Outcome: Deny, Reason: "token: " + err.Error()})
 			problem(w, http.StatusUnauthorized, "TokenInvalid", err.Error())
 			return
 		}
@@ -446,6 +449,7 @@ func (v *Verifier) handleResource(w http.ResponseWriter, r *http.Request) {
 		vmName, key, sid = c.VM, k, c.ID
 	}
 	if vmName == "" {
+		v.audit(AuditEvent{Event: "release", Outcome: Deny, Reason: "session: no attested session or token"})
 		problem(w, http.StatusUnauthorized, "UnAuthenticated", "no attested session or token")
 		return
 	}
