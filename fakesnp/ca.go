@@ -10,6 +10,7 @@ import (
 	"crypto/sha512"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/asn1"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -20,6 +21,8 @@ import (
 	"time"
 
 	"github.com/google/go-sev-guest/kds"
+
+	"github.com/svsm-e2e/svsm-e2e/internal/atomicfile"
 )
 
 // ProductLine is the AMD product line the simulated AMD-SP claims to be.
@@ -82,16 +85,16 @@ func LoadOrCreateCA(opts CAOptions) (*CA, error) {
 		}
 	}
 	var err error
-	if ca.arkKey, err = readRSAKey(arkKeyPath); err != nil {
+	if ca.arkKey, err = readPEM(arkKeyPath, x509.ParsePKCS1PrivateKey); err != nil {
 		return nil, err
 	}
-	if ca.askKey, err = readRSAKey(filepath.Join(opts.Dir, "ask.key")); err != nil {
+	if ca.askKey, err = readPEM(filepath.Join(opts.Dir, "ask.key"), x509.ParsePKCS1PrivateKey); err != nil {
 		return nil, err
 	}
-	if ca.Ark, err = readCert(filepath.Join(opts.Dir, "ark.crt")); err != nil {
+	if ca.Ark, err = readPEM(filepath.Join(opts.Dir, "ark.crt"), x509.ParseCertificate); err != nil {
 		return nil, err
 	}
-	if ca.Ask, err = readCert(filepath.Join(opts.Dir, "ask.crt")); err != nil {
+	if ca.Ask, err = readPEM(filepath.Join(opts.Dir, "ask.crt"), x509.ParseCertificate); err != nil {
 		return nil, err
 	}
 	ca.created = ca.Ark.NotBefore
@@ -138,7 +141,7 @@ func createCA(opts CAOptions) error {
 	}
 	// ark.key is written last: its presence marks a complete CA.
 	for _, name := range []string{"ask.key", "ark.crt", "ask.crt", "ark.key"} {
-		if err := writeFileAtomic(filepath.Join(opts.Dir, name), pem.EncodeToMemory(files[name]), 0o600); err != nil {
+		if err := atomicfile.Write(filepath.Join(opts.Dir, name), pem.EncodeToMemory(files[name]), 0o600); err != nil {
 			return err
 		}
 	}
@@ -199,10 +202,10 @@ func deriveP384(seed []byte, tcb uint64) (*ecdsa.PrivateKey, error) {
 }
 
 func vcekExtensions(tcb kds.TCBParts, hwid []byte) []pkix.Extension {
-	mustInt := func(v uint8) []byte { b, _ := asn1Marshal(int(v)); return b }
-	zero, _ := asn1Marshal(0)
-	name, _ := asn1MarshalIA5(productName)
-	hw, _ := asn1Marshal(hwid)
+	mustInt := func(v uint8) []byte { b, _ := asn1.Marshal(int(v)); return b }
+	zero, _ := asn1.Marshal(0)
+	name, _ := asn1.MarshalWithParams(productName, "ia5")
+	hw, _ := asn1.Marshal(hwid)
 	return []pkix.Extension{
 		{Id: kds.OidStructVersion, Value: zero},
 		{Id: kds.OidProductName1, Value: name},
@@ -218,64 +221,27 @@ func vcekExtensions(tcb kds.TCBParts, hwid []byte) []pkix.Extension {
 	}
 }
 
-// Sign signs data (report bytes 0..0x2A0) with the VCEK, SHA-384.
+// signReport signs the report's signed component (bytes 0..0x2A0) with the VCEK, SHA-384.
 func signReport(key *ecdsa.PrivateKey, data []byte) (r, s *big.Int, err error) {
 	h := crypto.SHA384.New()
 	h.Write(data)
 	return ecdsa.Sign(rand.Reader, key, h.Sum(nil))
 }
 
-func readRSAKey(path string) (*rsa.PrivateKey, error) {
+// readPEM reads the single PEM block of path and parses it.
+func readPEM[T any](path string, parse func([]byte) (T, error)) (T, error) {
+	var zero T
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
+		return zero, fmt.Errorf("read %s: %w", path, err)
 	}
 	blk, _ := pem.Decode(b)
 	if blk == nil {
-		return nil, fmt.Errorf("read %s: no PEM block", path)
+		return zero, fmt.Errorf("read %s: no PEM block", path)
 	}
-	k, err := x509.ParsePKCS1PrivateKey(blk.Bytes)
+	v, err := parse(blk.Bytes)
 	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
+		return zero, fmt.Errorf("read %s: %w", path, err)
 	}
-	return k, nil
-}
-
-func readCert(path string) (*x509.Certificate, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
-	}
-	blk, _ := pem.Decode(b)
-	if blk == nil {
-		return nil, fmt.Errorf("read %s: no PEM block", path)
-	}
-	c, err := x509.ParseCertificate(blk.Bytes)
-	if err != nil {
-		return nil, fmt.Errorf("read %s: %w", path, err)
-	}
-	return c, nil
-}
-
-func writeFileAtomic(path string, data []byte, mode os.FileMode) error {
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, mode)
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("sync %s: %w", path, err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("close %s: %w", path, err)
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("rename %s: %w", path, err)
-	}
-	return nil
+	return v, nil
 }

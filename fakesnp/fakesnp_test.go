@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/google/go-sev-guest/abi"
+	"github.com/google/go-sev-guest/kds"
 	spb "github.com/google/go-sev-guest/proto/sevsnp"
 	"github.com/google/go-sev-guest/verify"
 	"github.com/google/go-sev-guest/verify/trust"
@@ -60,7 +61,7 @@ func verifyWith(s *Server, chip *Chip, report []byte) error {
 		return err
 	}
 	tcb := pr.GetReportedTcb()
-	_, cert, err := s.CA().VCEK(chip, kdsTCB(tcb))
+	_, cert, err := s.CA().VCEK(chip, kds.TCBVersion(tcb))
 	if err != nil {
 		return err
 	}
@@ -91,7 +92,7 @@ func TestReportVerifiesAndChainPersists(t *testing.T) {
 	}
 	// Genuine AMD roots must reject the fake chain.
 	pr, _ := abi.ReportToProto(getReport(t, info.Socket, rd))
-	_, cert, _ := s.CA().VCEK(chip, kdsTCB(pr.GetReportedTcb()))
+	_, cert, _ := s.CA().VCEK(chip, kds.TCBVersion(pr.GetReportedTcb()))
 	att := &spb.Attestation{Report: pr, CertificateChain: &spb.CertificateChain{VcekCert: cert.Raw, AskCert: s.CA().Ask.Raw, ArkCert: s.CA().Ark.Raw}}
 	if err := verify.SnpAttestation(att, &verify.Options{DisableCertFetching: true, Now: time.Now()}); err == nil {
 		t.Fatal("genuine AMD roots accepted the fake chain")

@@ -14,6 +14,7 @@ import (
 	"github.com/google/go-sev-guest/abi"
 	"github.com/google/go-sev-guest/kds"
 
+	"github.com/svsm-e2e/svsm-e2e/internal/atomicfile"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 )
 
@@ -119,7 +120,7 @@ func loadOrCreateChip(dir, name string) (*Chip, error) {
 		if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 			return nil, fmt.Errorf("chip dir: %w", err)
 		}
-		if err := writeFileAtomic(path, []byte(hex.EncodeToString(c.seed[:])), 0o600); err != nil {
+		if err := atomicfile.Write(path, []byte(hex.EncodeToString(c.seed[:])), 0o600); err != nil {
 			return nil, err
 		}
 	case err != nil:

@@ -26,6 +26,7 @@ import (
 
 	"github.com/google/go-sev-guest/kds"
 
+	"github.com/svsm-e2e/svsm-e2e/internal/atomicfile"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 )
 
@@ -255,7 +256,7 @@ func (s *Server) saveRegistryLocked() error {
 	}
 	sort.Slice(specs, func(i, j int) bool { return specs[i].Name < specs[j].Name })
 	b, _ := json.MarshalIndent(specs, "", "  ")
-	return writeFileAtomic(s.registryPath(), b, 0o600)
+	return atomicfile.Write(s.registryPath(), b, 0o600)
 }
 
 func (s *Server) acceptLoop(l *launch) {

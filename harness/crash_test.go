@@ -5,14 +5,12 @@ import (
 	"encoding/hex"
 
 	"fmt"
-	"net"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/svsm-e2e/svsm-e2e/harness"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
-	"github.com/svsm-e2e/svsm-e2e/svsm/attest"
 )
 
 // TestVerifierKill9UnderLoad boots several VMs in a loop while the verifier is SIGKILLed and
@@ -84,14 +82,9 @@ func TestVerifierKill9UnderLoad(t *testing.T) {
 					return
 				}
 				err = retry(func() error {
-					c, err := net.Dial("unix", h.ProxySocket)
-					if err != nil {
-						return err
-					}
-					defer c.Close()
 					cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 					defer cancel()
-					_, err = attest.Confirm(cctx, c, p.ConfirmKey[:], p.BootID[:], p.NextCounter)
+					_, err := harness.Confirm(cctx, hj, p.ConfirmKey[:], p.BootID[:], p.NextCounter)
 					return err
 				})
 				if err != nil {

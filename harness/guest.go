@@ -10,9 +10,15 @@ import (
 	"github.com/svsm-e2e/svsm-e2e/svsm/attest"
 )
 
+// AttestTimeout bounds one Attest or Confirm exchange.
+const AttestTimeout = 60 * time.Second
+
 // Attest plays one guest attestation against a host side described by hj, with the real
 // guest driver: report from hj.SNPSocket, protocol through hj.ProxySocket.
+// The exchange is bounded by AttestTimeout when ctx carries no earlier deadline.
 func Attest(ctx context.Context, hj *protocol.HostJSON) (*attest.Result, error) {
+	ctx, cancel := context.WithTimeout(ctx, AttestTimeout)
+	defer cancel()
 	snp, err := net.Dial("unix", hj.SNPSocket)
 	if err != nil {
 		return nil, fmt.Errorf("dial report channel: %w", err)
@@ -28,6 +34,8 @@ func Attest(ctx context.Context, hj *protocol.HostJSON) (*attest.Result, error) 
 
 // Confirm sends one 0.2.0 confirmation through the proxy in hj.
 func Confirm(ctx context.Context, hj *protocol.HostJSON, key, bootID []byte, counter uint64) (*protocol.ConfirmResponse, error) {
+	ctx, cancel := context.WithTimeout(ctx, AttestTimeout)
+	defer cancel()
 	px, err := net.Dial("unix", hj.ProxySocket)
 	if err != nil {
 		return nil, fmt.Errorf("dial proxy: %w", err)

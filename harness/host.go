@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/svsm-e2e/svsm-e2e/fakesnp"
+	"github.com/svsm-e2e/svsm-e2e/internal/atomicfile"
 	"github.com/svsm-e2e/svsm-e2e/internal/daemon"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 	"github.com/svsm-e2e/svsm-e2e/verifier"
@@ -129,67 +130,76 @@ func StartHost(ctx context.Context, opts HostOptions) (h *Host, err error) {
 	return h, nil
 }
 
-func (h *Host) startFakeSNP(ctx context.Context) error {
-	addrFile := h.path("run", "fakesnp.addr")
-	_ = os.MkdirAll(filepath.Dir(addrFile), 0o755)
-	_ = os.Remove(addrFile)
-	p, err := StartProc("fakesnp", h.opts.Binaries.FakeSNP, []string{"serve", "--state-dir", h.path("fakesnp"), "--listen", "127.0.0.1:0", "--addr-file", addrFile}, h.path("logs", "fakesnp.log"))
-	if err != nil {
-		return err
+// launch starts one component and waits, bounded by ReadyTimeout, for each address file
+// it writes once listening. The files are removed first so a stale one is never read.
+func (h *Host) launch(ctx context.Context, name, bin string, args []string, addrFiles ...string) (*Proc, []string, error) {
+	for _, f := range addrFiles {
+		if err := os.MkdirAll(filepath.Dir(f), 0o755); err != nil {
+			return nil, nil, fmt.Errorf("%s run dir: %w", name, err)
+		}
+		_ = os.Remove(f)
 	}
-	h.FakeSNP = p
+	p, err := StartProc(name, bin, args, h.path("logs", name+".log"))
+	if err != nil {
+		return nil, nil, err
+	}
 	rctx, cancel := context.WithTimeout(ctx, h.opts.ReadyTimeout)
 	defer cancel()
-	addr, err := p.waitReady(rctx, addrFile)
+	addrs := make([]string, len(addrFiles))
+	for i, f := range addrFiles {
+		if addrs[i], err = p.waitReady(rctx, f); err != nil {
+			return p, nil, err
+		}
+	}
+	return p, addrs, nil
+}
+
+func (h *Host) startFakeSNP(ctx context.Context) error {
+	p, addrs, err := h.launch(ctx, "fakesnp", h.opts.Binaries.FakeSNP,
+		[]string{"serve", "--state-dir", h.path("fakesnp"), "--listen", "127.0.0.1:0", "--addr-file", h.path("run", "fakesnp.addr")},
+		h.path("run", "fakesnp.addr"))
+	h.FakeSNP = p
 	if err != nil {
 		return err
 	}
-	h.FakeSNPURL = "http://" + addr
+	h.FakeSNPURL = "http://" + addrs[0]
 	h.SNP = &fakesnp.Client{BaseURL: h.FakeSNPURL}
 	chain, err := h.SNP.CertChain(ctx)
 	if err != nil {
 		return err
 	}
-	return os.WriteFile(h.path("fakesnp-roots.pem"), chain, 0o644)
+	if err := os.WriteFile(h.path("fakesnp-roots.pem"), chain, 0o644); err != nil {
+		return fmt.Errorf("write fakesnp roots: %w", err)
+	}
+	return nil
 }
 
-// StartVerifier (re)starts the verifier on its existing data directory. The listen ports of
-// a restart are new; VerifierURL and AdminURL are updated, and the proxy must be restarted
-// to follow (RestartVerifier does both).
+// StartVerifier starts the verifier on its data directory. A restart (after KillVerifier or
+// a Stop) reuses the first start's addresses and admin token, so the proxy and every client
+// held by users of the harness keep working.
 func (h *Host) StartVerifier(ctx context.Context) error {
 	addrFile, adminFile := h.path("run", "verifier.addr"), h.path("run", "verifier-admin.addr")
-	_ = os.Remove(addrFile)
-	_ = os.Remove(adminFile)
 	listen, adminListen := "127.0.0.1:0", "127.0.0.1:0"
-	if h.VerifierURL != "" { // keep addresses across restarts so the proxy keeps working
+	if h.VerifierURL != "" {
 		listen, adminListen = strings.TrimPrefix(h.VerifierURL, "http://"), strings.TrimPrefix(h.AdminURL, "http://")
 	}
 	args := []string{"serve", "--data-dir", h.path("verifier"), "--listen", listen, "--admin-listen", adminListen,
 		"--addr-file", addrFile, "--admin-addr-file", adminFile, "--kds-url", h.FakeSNPURL, "--trusted-roots", h.path("fakesnp-roots.pem")}
-	p, err := StartProc("svsm-verifier", h.opts.Binaries.Verifier, args, h.path("logs", "svsm-verifier.log"))
+	p, addrs, err := h.launch(ctx, "svsm-verifier", h.opts.Binaries.Verifier, args, addrFile, adminFile)
+	if p != nil {
+		h.Verifier = p
+	}
 	if err != nil {
 		return err
 	}
-	h.Verifier = p
-	rctx, cancel := context.WithTimeout(ctx, h.opts.ReadyTimeout)
-	defer cancel()
-	addr, err := p.waitReady(rctx, addrFile)
-	if err != nil {
-		return err
-	}
-	admin, err := p.waitReady(rctx, adminFile)
-	if err != nil {
-		return err
-	}
+	kbsURL, adminURL := "http://"+addrs[0], "http://"+addrs[1]
 	if h.Admin != nil {
-		// A restart keeps its addresses and token, so clients held by concurrent users of
-		// the harness stay valid (and are not rewritten under them).
-		if "http://"+addr != h.VerifierURL || "http://"+admin != h.AdminURL {
-			return fmt.Errorf("restarted verifier moved from %s/%s to %s/%s", h.VerifierURL, h.AdminURL, addr, admin)
+		if kbsURL != h.VerifierURL || adminURL != h.AdminURL {
+			return fmt.Errorf("restarted verifier moved from %s/%s to %s/%s", h.VerifierURL, h.AdminURL, kbsURL, adminURL)
 		}
 		return nil
 	}
-	h.VerifierURL, h.AdminURL = "http://"+addr, "http://"+admin
+	h.VerifierURL, h.AdminURL = kbsURL, adminURL
 	h.TokenFile = h.path("verifier", "admin.token")
 	tok, err := os.ReadFile(h.TokenFile)
 	if err != nil {
@@ -212,15 +222,9 @@ func (h *Host) RestartVerifier(ctx context.Context) error {
 func (h *Host) startProxy(ctx context.Context) error {
 	h.ProxySocket = h.path("run", "proxy.sock")
 	addrFile := h.path("run", "proxy.addr")
-	_ = os.Remove(addrFile)
-	p, err := StartProc("svsm-proxy", h.opts.Binaries.Proxy, []string{"--listen-unix", h.ProxySocket, "--addr-file", addrFile, "--verifier-url", h.VerifierURL, "--step-timeout", "30s"}, h.path("logs", "svsm-proxy.log"))
-	if err != nil {
-		return err
-	}
+	p, _, err := h.launch(ctx, "svsm-proxy", h.opts.Binaries.Proxy,
+		[]string{"--listen-unix", h.ProxySocket, "--addr-file", addrFile, "--verifier-url", h.VerifierURL, "--step-timeout", "30s"}, addrFile)
 	h.Proxy = p
-	rctx, cancel := context.WithTimeout(ctx, h.opts.ReadyTimeout)
-	defer cancel()
-	_, err = p.waitReady(rctx, addrFile)
 	return err
 }
 
@@ -303,7 +307,7 @@ func WriteHostJSON(path string, hj *protocol.HostJSON) error {
 	if err != nil {
 		return err
 	}
-	return daemon.WriteFileAtomic(path, append(b, '\n'))
+	return atomicfile.Write(path, append(b, '\n'), 0o644)
 }
 
 func waitAddrFile(ctx context.Context, path string) (string, error) {

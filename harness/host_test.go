@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -127,12 +126,7 @@ func TestAttestReleaseOncePerBootRequest(t *testing.T) {
 		t.Fatalf("audit after clone = %+v", ev)
 	}
 	// Confirm the advance through the proxy (0.2.0).
-	px, err := net.Dial("unix", hj.ProxySocket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp, err := attest.Confirm(ctx, px, p.ConfirmKey[:], p.BootID[:], p.NextCounter)
-	px.Close()
+	resp, err := harness.Confirm(ctx, hj, p.ConfirmKey[:], p.BootID[:], p.NextCounter)
 	if err != nil || resp.Counter != 1 {
 		t.Fatalf("confirm = %+v, %v", resp, err)
 	}
@@ -152,9 +146,7 @@ func TestAttestReleaseOncePerBootRequest(t *testing.T) {
 		t.Fatalf("second boot payload = %+v", p2)
 	}
 	// The first boot's confirmation key can no longer move the counter.
-	px, _ = net.Dial("unix", hj.ProxySocket)
-	_, err = attest.Confirm(ctx, px, p.ConfirmKey[:], p.BootID[:], 2)
-	px.Close()
+	_, err = harness.Confirm(ctx, hj, p.ConfirmKey[:], p.BootID[:], 2)
 	if err == nil || !strings.Contains(err.Error(), "superseded") {
 		t.Fatalf("stale boot confirm = %v", err)
 	}
@@ -233,7 +225,3 @@ func (j *cookieJar) Cookies(_ *url.URL) []*http.Cookie {
 	defer j.mu.Unlock()
 	return j.cookies
 }
-
-func fakesnpFaults(status uint32) fakesnp.Faults { return fakesnp.Faults{FirmwareStatus: status} }
-
-func asFirmwareError(err error, target **attest.FirmwareError) bool { return errors.As(err, target) }

@@ -8,12 +8,14 @@ import (
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"net"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/svsm-e2e/svsm-e2e/fakesnp"
 	"github.com/svsm-e2e/svsm-e2e/harness"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 	"github.com/svsm-e2e/svsm-e2e/svsm/attest"
@@ -271,14 +273,14 @@ func TestFakeSNPBadInput(t *testing.T) {
 		t.Fatal("oversized length: connection not closed")
 	}
 	// Firmware error status.
-	if err := h.SNP.SetFaults(ctx, "snpbad", fakesnpFaults(0x27)); err != nil {
+	if err := h.SNP.SetFaults(ctx, "snpbad", fakesnp.Faults{FirmwareStatus: 0x27}); err != nil {
 		t.Fatal(err)
 	}
 	c2, _ := net.Dial("unix", hj.SNPSocket)
 	defer c2.Close()
 	_, err = attest.NewChannelQuoteProvider(c2, 10*time.Second).GetRawQuote([64]byte{})
 	var fe *attest.FirmwareError
-	if !asFirmwareError(err, &fe) || fe.Status != 0x27 {
+	if !errors.As(err, &fe) || fe.Status != 0x27 {
 		t.Fatalf("firmware fault = %v", err)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -115,6 +116,7 @@ func (p *Proc) waitReady(ctx context.Context, addrFile string) (string, error) {
 	return addr, nil
 }
 
+// tailFile returns up to the last n bytes of path, for error messages.
 func tailFile(path string, n int64) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -127,9 +129,8 @@ func tailFile(path string, n int64) (string, error) {
 	}
 	off := max(st.Size()-n, 0)
 	buf := make([]byte, st.Size()-off)
-	_, err = f.ReadAt(buf, off)
-	if err != nil && !errors.Is(err, os.ErrClosed) {
-		return string(buf), nil
+	if _, err := f.ReadAt(buf, off); err != nil && !errors.Is(err, io.EOF) {
+		return "", err
 	}
 	return string(buf), nil
 }

@@ -129,7 +129,6 @@ type conn struct {
 	p    *Proxy
 	rw   net.Conn
 	http *http.Client
-	id   uint64
 }
 
 func (c *conn) read() ([]byte, error) {

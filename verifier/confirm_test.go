@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"crypto/ecdh"
 	"crypto/rand"
-	"encoding/hex"
 	"strings"
 	"testing"
 
@@ -124,7 +123,9 @@ func TestReleaseOnceAndRawMode(t *testing.T) {
 	if _, ref, _ := v.release("raw", "s", key); ref == nil || ref.Field != "boot_request" {
 		t.Fatalf("release without prime: %v", ref)
 	}
-	v.Prime("raw")
+	if _, err := v.Prime("raw"); err != nil {
+		t.Fatal(err)
+	}
 	jwe, ref, err := v.release("raw", "s", key)
 	if err != nil || ref != nil {
 		t.Fatal(err, ref)
@@ -137,8 +138,8 @@ func TestReleaseOnceAndRawMode(t *testing.T) {
 	if _, ref, _ := v.release("raw", "s", key); ref == nil {
 		t.Fatal("second release without prime")
 	}
-	if view.ID == nil || hex.EncodeToString(view.ID) == "" {
-		t.Fatal("vm id missing")
+	if len(view.ID) != 32 {
+		t.Fatalf("vm id is %d bytes, want 32", len(view.ID))
 	}
 }
 

@@ -86,7 +86,7 @@ func (c *checker) verifyReport(ctx context.Context, raw []byte) (*spb.Attestatio
 		return nil, fmt.Errorf("report format: %w", err)
 	}
 	att := &spb.Attestation{Report: report, CertificateChain: &spb.CertificateChain{Extras: map[string][]byte{}}}
-	if rs := c.roots[fakeOrGenuineLine(report)]; len(rs) > 0 {
+	if rs := c.roots[productLine(report)]; len(rs) > 0 {
 		// Pre-fill the configured ARK/ASK so only the VCEK is fetched.
 		att.CertificateChain.ArkCert = rs[0].ProductCerts.Ark.Raw
 		att.CertificateChain.AskCert = rs[0].ProductCerts.Ask.Raw
@@ -98,7 +98,8 @@ func (c *checker) verifyReport(ctx context.Context, raw []byte) (*spb.Attestatio
 	return att, nil
 }
 
-func fakeOrGenuineLine(r *spb.Report) string {
+// productLine is the report's AMD product line (v3 reports carry CPUID family/model).
+func productLine(r *spb.Report) string {
 	if fms := r.GetCpuid1EaxFms(); fms != 0 {
 		return kds.ProductLineFromFms(fms)
 	}
@@ -185,7 +186,7 @@ func checkPolicy(vm *VM, att *spb.Attestation) error {
 }
 
 // checkBinding checks REPORT_DATA = SHA-512(x ‖ y ‖ nonce).
-func checkBinding(r *spb.Report, key protocol.ECPublicKey, nonce []byte) error {
+func checkBinding(r *spb.Report, key protocol.ECPublicKey, nonce []byte) *Refusal {
 	want, err := protocol.ReportData(protocol.DefaultParams(), key, nonce)
 	if err != nil {
 		return refuse("tee-pubkey", "%v", err)

@@ -323,7 +323,7 @@ func (v *Verifier) handleAttest(w http.ResponseWriter, r *http.Request) {
 	}
 	nonce, _ := base64.StdEncoding.DecodeString(s.nonce)
 	if ref := checkBinding(evidence.GetReport(), key, nonce); ref != nil {
-		deny(http.StatusUnauthorized, "", ref.(*Refusal))
+		deny(http.StatusUnauthorized, "", ref)
 		return
 	}
 	vm, ref := v.identify(evidence.GetReport().GetHostData(), evidence.GetReport().GetMeasurement())

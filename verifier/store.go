@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -170,9 +169,4 @@ func (s *Store) AuditEvents(vm string, since uint64, limit int) ([]AuditEvent, e
 		return nil
 	})
 	return out, err
-}
-
-func fileExists(path string) bool {
-	_, err := os.Stat(path)
-	return err == nil
 }

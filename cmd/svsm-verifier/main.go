@@ -121,7 +121,7 @@ func ctx30() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), 30*time.Second)
 }
 
-// ParseTCB parses "bl,tee,snp,ucode".
+// parseTCB parses "bl,tee,snp,ucode".
 func parseTCB(s string) (*kds.TCBParts, error) {
 	parts := strings.Split(s, ",")
 	if len(parts) != 4 {
@@ -204,40 +204,30 @@ func vmCmd() *cobra.Command {
 	rf.BoolVar(&spec.WriteThrough, "write-through", false, "guest confirms every runtime state write (v1)")
 	_ = register.MarkFlagRequired("measurement")
 
-	show := &cobra.Command{
-		Use: "show NAME", Short: "Show a VM (never its key)", Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := a.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := ctx30()
-			defer cancel()
-			view, err := c.Show(ctx, args[0])
-			if err != nil {
-				return err
-			}
-			return printJSON(view)
-		},
-	}
-	prime := &cobra.Command{
-		Use: "prime NAME", Short: "Allow exactly one more key release (one boot)", Args: cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			c, err := a.client()
-			if err != nil {
-				return err
-			}
-			ctx, cancel := ctx30()
-			defer cancel()
-			view, err := c.Prime(ctx, args[0])
-			if err != nil {
-				return err
-			}
-			return printJSON(view)
-		},
-	}
+	show := vmViewCmd(&a, "show NAME", "Show a VM (never its key)", (*verifier.AdminClient).Show)
+	prime := vmViewCmd(&a, "prime NAME", "Allow exactly one more key release (one boot)", (*verifier.AdminClient).Prime)
 	cmd.AddCommand(register, show, prime)
 	return cmd
+}
+
+// vmViewCmd is a one-argument admin command that prints the VM view call returns.
+func vmViewCmd(a *adminFlags, use, short string, call func(*verifier.AdminClient, context.Context, string) (*verifier.VMView, error)) *cobra.Command {
+	return &cobra.Command{
+		Use: use, Short: short, Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, err := a.client()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := ctx30()
+			defer cancel()
+			view, err := call(c, ctx, args[0])
+			if err != nil {
+				return err
+			}
+			return printJSON(view)
+		},
+	}
 }
 
 func auditCmd() *cobra.Command {

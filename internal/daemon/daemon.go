@@ -10,10 +10,11 @@ import (
 	"net"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/svsm-e2e/svsm-e2e/internal/atomicfile"
 )
 
 // SignalContext is cancelled on SIGINT or SIGTERM.
@@ -48,29 +49,12 @@ func Listen(addr, addrFile string) (net.Listener, error) {
 		return nil, fmt.Errorf("listen %s %s: %w", network, addr, err)
 	}
 	if addrFile != "" {
-		if err := WriteFileAtomic(addrFile, []byte(ln.Addr().String()+"\n")); err != nil {
+		if err := atomicfile.Write(addrFile, []byte(ln.Addr().String()+"\n"), 0o644); err != nil {
 			ln.Close()
 			return nil, err
 		}
 	}
 	return ln, nil
-}
-
-// WriteFileAtomic writes via a temporary file and rename, so readers never see half a file.
-func WriteFileAtomic(path string, data []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-"+filepath.Base(path))
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return os.Rename(tmp.Name(), path)
 }
 
 // WaitAddrFile polls for an address file written by Listen, bounded by ctx.
