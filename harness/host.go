@@ -28,6 +28,8 @@ import (
 // Binaries names the executables the host side runs.
 type Binaries struct {
 	FakeSNP, Verifier, Proxy string
+	// Guest is svsm-guest; empty when not found (the host side runs without it).
+	Guest string
 }
 
 // FindBinaries looks in dir (if set), then beside the running executable, then in PATH.
@@ -60,8 +62,11 @@ func FindBinaries(dir string) (Binaries, error) {
 	if b.Verifier, err = find("svsm-verifier"); err != nil {
 		return b, err
 	}
-	b.Proxy, err = find("svsm-proxy")
-	return b, err
+	if b.Proxy, err = find("svsm-proxy"); err != nil {
+		return b, err
+	}
+	b.Guest, _ = find("svsm-guest")
+	return b, nil
 }
 
 // HostOptions configures StartHost.

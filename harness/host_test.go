@@ -31,7 +31,7 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		panic(err)
 	}
-	out, err := exec.Command("go", "build", "-o", dir+"/", "../cmd/fakesnp", "../cmd/svsm-verifier", "../cmd/svsm-proxy").CombinedOutput()
+	out, err := exec.Command("go", "build", "-o", dir+"/", "../cmd/fakesnp", "../cmd/svsm-verifier", "../cmd/svsm-proxy", "../cmd/svsm-guest").CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "build binaries: %v\n%s", err, out)
 		os.Exit(1)

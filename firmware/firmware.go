@@ -1,0 +1,216 @@
+// Package firmware is the firmware layer of the simulated guest: measured boot into the vTPM
+// with a TCG PC Client event log, and Secure Boot state from the UEFI variable store. It
+// reaches the TPM only through command bytes and the variables only through their API.
+package firmware
+
+import (
+	"context"
+	"crypto"
+	"crypto/sha256"
+	_ "crypto/sha512" // SHA-384/512 banks
+	"fmt"
+	"io"
+	"slices"
+
+	"github.com/google/go-tpm/legacy/tpm2"
+	"github.com/google/go-tpm/tpmutil"
+
+	"github.com/svsm-e2e/svsm-e2e/svsm/uefivars"
+)
+
+// PCRs the firmware extends (documented in docs/guest.md).
+const (
+	PCRLaunch     = 0 // S-CRTM version and the SNP launch digest
+	PCRBootApp    = 4 // the kernel
+	PCRSecureBoot = 7 // SecureBoot, PK, KEK, db, dbx
+	PCRCmdline    = 8 // the kernel command line
+	PCRInitrd     = 9 // the initrd
+)
+
+// Version is measured as the S-CRTM version.
+const Version = "svsm-e2e firmware 1"
+
+// Variables is what the firmware needs from the UEFI variable service.
+type Variables interface {
+	Get(guid uefivars.GUID, name string) (*uefivars.Variable, bool)
+	SecureBoot() bool
+	Set(u uefivars.Update) error
+}
+
+// Component is one boot component the firmware loads and measures.
+type Component struct {
+	Name string // "kernel" or "initrd"
+	Data []byte
+}
+
+// Boot is what the firmware boots.
+type Boot struct {
+	LaunchDigest []byte // MEASUREMENT of the attestation report
+	Kernel       Component
+	Initrd       *Component
+	Cmdline      string
+}
+
+// ErrSecureBoot means a component is revoked by dbx while Secure Boot is on.
+type ErrSecureBoot struct{ Component, Hash string }
+
+func (e *ErrSecureBoot) Error() string {
+	return fmt.Sprintf("secure boot: %s (sha256 %s) is listed in dbx", e.Component, e.Hash)
+}
+
+// Result is the measured boot's outcome.
+type Result struct {
+	Log        []byte
+	SecureBoot bool
+	PCRs       map[int][]byte // SHA-256 bank, the PCRs the firmware extended
+}
+
+// Run enrolls the first-boot template if the store is empty (Setup Mode without keys),
+// measures the launch, the Secure Boot configuration and the boot components, and enforces
+// dbx on the components when Secure Boot is on.
+func Run(_ context.Context, tpm io.ReadWriter, vars Variables, template []uefivars.Update, boot Boot) (*Result, error) {
+	if _, ok := vars.Get(uefivars.GlobalVariable, "PK"); !ok && len(template) > 0 {
+		for _, u := range template {
+			if err := vars.Set(u); err != nil {
+				return nil, fmt.Errorf("enroll %s from template: %w", u.Name, err)
+			}
+		}
+	}
+	banks, err := allocatedBanks(tpm)
+	if err != nil {
+		return nil, err
+	}
+	log := newEventLog(banks)
+	measure := func(pcr int, typ uint32, digestOf, data []byte) error {
+		digests := make([][]byte, len(banks))
+		for i, b := range banks {
+			h := b.Hash.New()
+			h.Write(digestOf)
+			digests[i] = h.Sum(nil)
+			if err := tpm2.PCRExtend(tpm, tpmutil.Handle(pcr), tpm2.Algorithm(b.Alg), digests[i], ""); err != nil {
+				return fmt.Errorf("extend PCR %d (%v): %w", pcr, b.Hash, err)
+			}
+		}
+		log.add(pcr, typ, digests, data)
+		return nil
+	}
+	ver := utf16z(Version)
+	if err := measure(PCRLaunch, EvSCRTMVersion, ver, ver); err != nil {
+		return nil, err
+	}
+	if err := measure(PCRLaunch, EvEFIPlatformFirmwareBlob, boot.LaunchDigest, boot.LaunchDigest); err != nil {
+		return nil, err
+	}
+	sb := vars.SecureBoot()
+	sbByte := []byte{0}
+	if sb {
+		sbByte[0] = 1
+	}
+	for _, v := range []struct {
+		guid uefivars.GUID
+		name string
+	}{
+		{uefivars.GlobalVariable, "SecureBoot"}, {uefivars.GlobalVariable, "PK"}, {uefivars.GlobalVariable, "KEK"},
+		{uefivars.ImageSecurityDatabase, "db"}, {uefivars.ImageSecurityDatabase, "dbx"},
+	} {
+		var data []byte
+		if v.name == "SecureBoot" {
+			data = sbByte
+		} else if got, ok := vars.Get(v.guid, v.name); ok {
+			data = got.Data
+		}
+		ev := uefiVariableData(v.guid, v.name, data)
+		if err := measure(PCRSecureBoot, EvEFIVariableDriverConfig, ev, ev); err != nil {
+			return nil, err
+		}
+	}
+	sep := []byte{0, 0, 0, 0}
+	for pcr := range 8 {
+		if err := measure(pcr, EvSeparator, sep, sep); err != nil {
+			return nil, err
+		}
+	}
+	comps := []Component{boot.Kernel}
+	if boot.Initrd != nil {
+		comps = append(comps, *boot.Initrd)
+	}
+	if sb {
+		if err := checkDBX(vars, comps); err != nil {
+			return nil, err
+		}
+	}
+	if err := measure(PCRBootApp, EvEFIBootServicesApplication, boot.Kernel.Data, imageLoadEvent(len(boot.Kernel.Data))); err != nil {
+		return nil, err
+	}
+	if boot.Initrd != nil {
+		if err := measure(PCRInitrd, EvIPL, boot.Initrd.Data, []byte("initrd\x00")); err != nil {
+			return nil, err
+		}
+	}
+	cl := []byte(boot.Cmdline)
+	if err := measure(PCRCmdline, EvIPL, cl, append([]byte("kernel_cmdline: "), cl...)); err != nil {
+		return nil, err
+	}
+	pcrs, err := tpm2.ReadPCRs(tpm, tpm2.PCRSelection{Hash: tpm2.AlgSHA256, PCRs: []int{0, 4, 7, 8, 9}})
+	if err != nil {
+		return nil, fmt.Errorf("read PCRs: %w", err)
+	}
+	return &Result{Log: log.Bytes(), SecureBoot: sb, PCRs: pcrs}, nil
+}
+
+func checkDBX(vars Variables, comps []Component) error {
+	dbx, ok := vars.Get(uefivars.ImageSecurityDatabase, "dbx")
+	if !ok {
+		return nil
+	}
+	sigs, err := uefivars.ParseSignatureLists(dbx.Data)
+	if err != nil {
+		return fmt.Errorf("dbx: %w", err)
+	}
+	for _, c := range comps {
+		h := sha256.Sum256(c.Data)
+		if slices.ContainsFunc(sigs, func(s uefivars.Signature) bool {
+			return s.Type == uefivars.CertSHA256 && string(s.Data) == string(h[:])
+		}) {
+			return &ErrSecureBoot{Component: c.Name, Hash: fmt.Sprintf("%x", h)}
+		}
+	}
+	return nil
+}
+
+func utf16z(s string) []byte {
+	var b []byte
+	for _, r := range s + "\x00" {
+		b = append(b, byte(r), 0)
+	}
+	return b
+}
+
+var bankOf = map[tpm2.Algorithm]Bank{
+	tpm2.AlgSHA1:   {tpmAlgSHA1, crypto.SHA1},
+	tpm2.AlgSHA256: {tpmAlgSHA256, crypto.SHA256},
+	tpm2.AlgSHA384: {tpmAlgSHA384, crypto.SHA384},
+	tpm2.AlgSHA512: {tpmAlgSHA512, crypto.SHA512},
+}
+
+// allocatedBanks asks the TPM which PCR banks are allocated (with at least one PCR).
+func allocatedBanks(tpm io.ReadWriter) ([]Bank, error) {
+	caps, _, err := tpm2.GetCapability(tpm, tpm2.CapabilityPCRs, 16, 0)
+	if err != nil {
+		return nil, fmt.Errorf("read PCR allocation: %w", err)
+	}
+	var out []Bank
+	for _, c := range caps {
+		sel, ok := c.(tpm2.PCRSelection)
+		if !ok || len(sel.PCRs) == 0 {
+			continue
+		}
+		if b, ok := bankOf[sel.Hash]; ok {
+			out = append(out, b)
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("TPM has no supported PCR bank allocated")
+	}
+	return out, nil
+}

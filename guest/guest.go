@@ -1,0 +1,254 @@
+// Package guest boots the simulated confidential VM once: the SVSM layer (attestation,
+// state, vTPM, UEFI variables), the firmware layer (measured boot) and the OS layer (FDE,
+// workload actions), printing one event per step (PROTOCOLS.md §7).
+package guest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/svsm-e2e/svsm-e2e/firmware"
+	"github.com/svsm-e2e/svsm-e2e/guestos"
+	"github.com/svsm-e2e/svsm-e2e/protocol"
+	"github.com/svsm-e2e/svsm-e2e/svsm"
+	"github.com/svsm-e2e/svsm-e2e/svsm/attest"
+	"github.com/svsm-e2e/svsm-e2e/svsm/uefivars"
+)
+
+// Config describes one boot.
+type Config struct {
+	ProxySocket string // §1 channel
+	SNPSocket   string // §4 channel
+	StateDisk   string
+	DataDisk    string // LUKS2 image; empty for none
+	// RecoveryPassphrase is what a user at the console would type; nil for nobody.
+	RecoveryPassphrase []byte
+	Kernel             string // boot component files; Kernel defaults to this executable
+	Initrd             string
+	Cmdline            string
+	UEFITemplate       string // JSON list of uefivars.Update enrolled on a store without PK
+	Actions            []guestos.Action
+	OpenLUKS           bool // unlock through device-mapper instead of --test-passphrase
+	Out                io.Writer
+	// AttestTimeout bounds attestation and each confirmation (60 s when zero).
+	AttestTimeout time.Duration
+}
+
+// Outcome is how a successful boot ended.
+type Outcome string
+
+// Outcomes.
+const (
+	PowerOff Outcome = "poweroff"
+	Reboot   Outcome = "reboot"
+)
+
+// Failure is a fail-closed stop: the layer and the stable reason of the final event.
+type Failure struct {
+	Layer, Reason string
+	Err           error
+}
+
+func (f *Failure) Error() string { return fmt.Sprintf("%s layer: %s: %v", f.Layer, f.Reason, f.Err) }
+func (f *Failure) Unwrap() error { return f.Err }
+
+type emitter struct {
+	mu  sync.Mutex
+	out io.Writer
+}
+
+func (e *emitter) Emit(ev protocol.Event) {
+	line, err := ev.Line()
+	if err != nil {
+		line = fmt.Sprintf(`%s{"event":"event-encoding-failed","layer":%q,"reason":%q}`, protocol.EventPrefix, ev.Layer, err.Error())
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	fmt.Fprintln(e.out, line)
+}
+
+func (e *emitter) layer(layer string) func(event, reason string, fields map[string]any) {
+	return func(event, reason string, fields map[string]any) {
+		e.Emit(protocol.Event{Event: event, Layer: layer, Reason: reason, Fields: fields})
+	}
+}
+
+// Run boots once. On failure the last event printed is "failed" with the layer and reason,
+// and the error is a *Failure.
+func Run(ctx context.Context, cfg Config) (Outcome, error) {
+	em := &emitter{out: cfg.Out}
+	out, err := run(ctx, cfg, em)
+	if err != nil {
+		var f *Failure
+		if !errors.As(err, &f) {
+			f = &Failure{Layer: protocol.LayerSVSM, Reason: "internal", Err: err}
+		}
+		em.Emit(protocol.Event{Event: "failed", Layer: f.Layer, Reason: f.Reason, Fields: map[string]any{"detail": f.Err.Error()}})
+		return "", f
+	}
+	return out, nil
+}
+
+func run(ctx context.Context, cfg Config, em *emitter) (Outcome, error) {
+	svsmFail := func(err error) error {
+		var se *svsm.Error
+		if errors.As(err, &se) {
+			return &Failure{protocol.LayerSVSM, se.Code, se.Err}
+		}
+		return &Failure{protocol.LayerSVSM, "internal", err}
+	}
+	timeout := cfg.AttestTimeout
+	if timeout == 0 {
+		timeout = 60 * time.Second
+	}
+	em.Emit(protocol.Event{Event: "boot-start", Layer: protocol.LayerSVSM, Fields: map[string]any{"state_disk": cfg.StateDisk}})
+
+	disk, err := os.OpenFile(cfg.StateDisk, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return "", svsmFail(&svsm.Error{Code: svsm.CodeStateIO, Err: err})
+	}
+	defer disk.Close()
+	snp, err := net.Dial("unix", cfg.SNPSocket)
+	if err != nil {
+		return "", svsmFail(&svsm.Error{Code: svsm.CodeAttestation, Err: fmt.Errorf("connect to the SNP report channel: %w", err)})
+	}
+	defer snp.Close()
+	dial := func(ctx context.Context) (io.ReadWriteCloser, error) {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "unix", cfg.ProxySocket)
+		if err != nil {
+			return nil, err
+		}
+		_ = c.SetDeadline(time.Now().Add(timeout))
+		return c, nil
+	}
+	bootCtx, cancel := context.WithTimeout(ctx, 4*timeout)
+	defer cancel()
+	s, err := svsm.Boot(bootCtx, svsm.Config{
+		Proxy: dial, Quote: attest.NewChannelQuoteProvider(snp, timeout), StateDisk: disk, Events: em,
+	})
+	if err != nil {
+		return "", svsmFail(err)
+	}
+	poweredOff := false
+	defer func() {
+		if !poweredOff {
+			s.Abort()
+		}
+	}()
+
+	// Firmware layer.
+	fwFail := func(reason string, err error) error { return &Failure{protocol.LayerFirmware, reason, err} }
+	boot, err := cfg.bootComponents(s.LaunchDigest())
+	if err != nil {
+		return "", fwFail("boot-components", err)
+	}
+	var tmpl []uefivars.Update
+	if cfg.UEFITemplate != "" {
+		if tmpl, err = readTemplate(cfg.UEFITemplate); err != nil {
+			return "", fwFail("uefi-template", err)
+		}
+	}
+	tpm := s.TPM(ctx)
+	vars := s.Variables(ctx)
+	res, err := firmware.Run(ctx, tpm, vars, tmpl, boot)
+	var sbErr *firmware.ErrSecureBoot
+	switch {
+	case errors.As(err, &sbErr):
+		return "", fwFail("secure-boot-violation", err)
+	case err != nil:
+		return "", fwFail("measured-boot-failed", err)
+	}
+	pcrs := map[string]any{}
+	for i, v := range res.PCRs {
+		pcrs[fmt.Sprint(i)] = fmt.Sprintf("%x", v)
+	}
+	em.Emit(protocol.Event{Event: "measured", Layer: protocol.LayerFirmware, Fields: map[string]any{
+		"secure_boot": res.SecureBoot, "event_log_bytes": len(res.Log), "cmdline": boot.Cmdline}})
+	em.Emit(protocol.Event{Event: "pcr-values", Layer: protocol.LayerFirmware, Fields: map[string]any{"bank": "sha256", "pcrs": pcrs}})
+
+	// OS layer.
+	osEmit := em.layer(protocol.LayerOS)
+	osFail := func(reason string, err error) error { return &Failure{protocol.LayerOS, reason, err} }
+	var fde *guestos.FDE
+	if cfg.DataDisk != "" {
+		fde = &guestos.FDE{TPM: tpm, Device: cfg.DataDisk, Recovery: cfg.RecoveryPassphrase,
+			Open: cfg.OpenLUKS, MapperName: "svsm-data", Emit: osEmit}
+		if _, err := fde.Unlock(ctx); err != nil {
+			return "", osFail("fde-locked", err)
+		}
+	}
+	w := &guestos.Workload{TPM: tpm, Vars: vars, FDE: fde}
+	outcome := PowerOff
+	for _, a := range cfg.Actions {
+		if a.Name == "reboot" {
+			outcome = Reboot
+			break
+		}
+		if a.Name == "poweroff" {
+			break
+		}
+		fields, err := w.Run(ctx, a)
+		if fields == nil {
+			fields = map[string]any{}
+		}
+		fields["action"] = a.Name
+		fields["ok"] = err == nil
+		reason := ""
+		if err != nil {
+			reason = err.Error()
+		}
+		osEmit("action", reason, fields)
+	}
+	poweredOff = true
+	if err := s.PowerOff(ctx); err != nil {
+		return "", svsmFail(err)
+	}
+	em.Emit(protocol.Event{Event: string(outcome), Layer: protocol.LayerOS, Fields: map[string]any{"counter": s.Counter()}})
+	return outcome, nil
+}
+
+func (cfg *Config) bootComponents(launch []byte) (firmware.Boot, error) {
+	kernel := cfg.Kernel
+	if kernel == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return firmware.Boot{}, err
+		}
+		kernel = exe
+	}
+	b := firmware.Boot{LaunchDigest: launch, Cmdline: cfg.Cmdline}
+	k, err := readBounded(kernel)
+	if err != nil {
+		return b, fmt.Errorf("kernel: %w", err)
+	}
+	b.Kernel = firmware.Component{Name: "kernel", Data: k}
+	if cfg.Initrd != "" {
+		d, err := readBounded(cfg.Initrd)
+		if err != nil {
+			return b, fmt.Errorf("initrd: %w", err)
+		}
+		b.Initrd = &firmware.Component{Name: "initrd", Data: d}
+	}
+	return b, nil
+}
+
+// MaxComponentSize bounds a boot component the firmware loads.
+const MaxComponentSize = 512 << 20
+
+func readBounded(path string) ([]byte, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, err
+	}
+	if fi.Size() > MaxComponentSize {
+		return nil, fmt.Errorf("%s is %d bytes, limit %d", path, fi.Size(), MaxComponentSize)
+	}
+	return os.ReadFile(path)
+}
