@@ -3,8 +3,9 @@
 # Used by `make demo`, `make test` and CI. Idempotent: a second run installs nothing.
 set -euo pipefail
 
-# Base: cgo (race detector now; the TPM simulator later).
-pkgs=(gcc libc6-dev)
+# Base: cgo for the race detector and the TPM simulator (links OpenSSL's libcrypto, statically
+# for svsm-guest), and cryptsetup for the LUKS2 data disks.
+pkgs=(gcc libc6-dev libssl-dev cryptsetup-bin)
 # Extra package sets, by need.
 case "${BACKEND:-process}" in
   qemu) pkgs+=(qemu-system-x86) ;;

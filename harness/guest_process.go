@@ -31,6 +31,9 @@ type GuestOptions struct {
 	Console io.Writer
 	// Timeout bounds the whole boot (default 2 minutes); the process is killed after it.
 	Timeout time.Duration
+	// OnEvent, if set, sees each event as the guest prints it, while the guest waits for
+	// nothing: the host acts at that moment (snapshot a disk, kill a process).
+	OnEvent func(protocol.Event)
 }
 
 // GuestRun is what one boot printed and how it ended.
@@ -106,15 +109,45 @@ func RunGuest(ctx context.Context, bin string, o GuestOptions) (*GuestRun, error
 	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	var stdout, stderr bytes.Buffer
+	var stderr bytes.Buffer
 	console := o.Console
 	if console == nil {
 		console = io.Discard
 	}
-	cmd.Stdout = io.MultiWriter(&stdout, console)
 	cmd.Stderr = io.MultiWriter(&stderr, console)
-	err := cmd.Run()
-	run := &GuestRun{Stdout: stdout.String(), Stderr: stderr.String()}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start svsm-guest: %w", err)
+	}
+	run := &GuestRun{}
+	var out strings.Builder
+	var parseErr error
+	sc := bufio.NewScanner(stdout)
+	sc.Buffer(make([]byte, 0, 64<<10), protocol.MaxEventLine)
+	for sc.Scan() {
+		line := sc.Text()
+		out.WriteString(line + "\n")
+		fmt.Fprintln(console, line)
+		ev, ok, err := protocol.ParseEventLine(line)
+		if err != nil && parseErr == nil {
+			parseErr = err
+		}
+		if ok && err == nil {
+			run.Events = append(run.Events, ev)
+			if o.OnEvent != nil {
+				o.OnEvent(ev)
+			}
+		}
+	}
+	if err := sc.Err(); err != nil && parseErr == nil {
+		parseErr = fmt.Errorf("guest console: %w", err)
+		_, _ = io.Copy(io.Discard, stdout) // keep the guest from blocking on a full pipe
+	}
+	err = cmd.Wait()
+	run.Stdout, run.Stderr = out.String(), stderr.String()
 	if ctx.Err() != nil {
 		return run, fmt.Errorf("svsm-guest did not finish within %s: %w", o.Timeout, ctx.Err())
 	}
@@ -125,21 +158,7 @@ func RunGuest(ctx context.Context, bin string, o GuestOptions) (*GuestRun, error
 	case err != nil:
 		return run, fmt.Errorf("run svsm-guest: %w", err)
 	}
-	sc := bufio.NewScanner(strings.NewReader(run.Stdout))
-	sc.Buffer(make([]byte, 0, 64<<10), protocol.MaxEventLine)
-	for sc.Scan() {
-		ev, ok, err := protocol.ParseEventLine(sc.Text())
-		if err != nil {
-			return run, err
-		}
-		if ok {
-			run.Events = append(run.Events, ev)
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return run, fmt.Errorf("guest console: %w", err)
-	}
-	return run, nil
+	return run, parseErr
 }
 
 // NewDataDisk formats a LUKS2 image at path with the recovery passphrase in keyslot 0.

@@ -14,8 +14,6 @@ import (
 
 	"github.com/svsm-e2e/svsm-e2e/harness"
 	"github.com/svsm-e2e/svsm-e2e/internal/daemon"
-	"github.com/svsm-e2e/svsm-e2e/protocol"
-	"github.com/svsm-e2e/svsm-e2e/svsm/attest"
 )
 
 // demo walks the stack step by step and prints what each layer saw.
@@ -40,7 +38,7 @@ func demoCmd() *cobra.Command {
 	var backend, workdir, binDir string
 	cmd := &cobra.Command{
 		Use:   "demo",
-		Short: "Run the main job with readable progress: host side up, attest, release once, clone refused",
+		Short: "Run the main job with readable progress: boot, reboot, rollback and clone refused",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			switch backend {
@@ -88,10 +86,11 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries) (err er
 		}
 		tw.Flush()
 		fmt.Println()
-		fmt.Println("Not shown yet: the guest's encrypted state, vTPM, UEFI variables and LUKS unlock, and the")
-		fmt.Println("guest-side rollback refusal; they arrive with svsm-guest (see README, \"Status\").")
-		fmt.Printf("Logs: %s\n", filepath.Join(workdir, "logs"))
+		fmt.Printf("Guest consoles: %s   host logs: %s\n", filepath.Join(workdir, "vm"), filepath.Join(workdir, "logs"))
 	}()
+	if bins.Guest == "" {
+		return errors.New("svsm-guest binary not found (run `make build`)")
+	}
 	if err := d.step("host", "start fakesnp, svsm-verifier, svsm-proxy", func() (string, error) {
 		var err error
 		h, err = harness.StartHost(ctx, harness.HostOptions{WorkDir: workdir, Binaries: bins, Logger: daemon.Logger("demo", "text", "error")})
@@ -102,89 +101,174 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries) (err er
 	}); err != nil {
 		return err
 	}
-	var hj *protocol.HostJSON
-	if err := d.step("host", "launch VM 'demo', register it (secret v1), prime boot 1", func() (string, error) {
-		var err error
-		hj, err = h.AddVM(ctx, harness.VMSetup{Name: "demo", Prime: true})
+	vmDir := filepath.Join(workdir, "vm")
+	g := harness.GuestOptions{
+		HostJSON: filepath.Join(vmDir, "host.json"), StateDisk: filepath.Join(vmDir, "state.img"),
+		DataDisk: filepath.Join(vmDir, "data.img"), RecoveryFile: filepath.Join(vmDir, "recovery-passphrase"),
+		UEFITemplate: filepath.Join(vmDir, "uefi-template.json"), Cmdline: "console=ttyS0 root=/dev/mapper/svsm-data",
+	}
+	if err := d.step("host", "launch VM 'demo', register it (secret v1), make a LUKS2 data disk and Secure Boot keys", func() (string, error) {
+		hj, err := h.AddVM(ctx, harness.VMSetup{Name: "demo"})
 		if err != nil {
 			return "", err
 		}
-		return "measurement " + hj.Measurement[:16] + "…", nil
+		if err := os.MkdirAll(vmDir, 0o755); err != nil {
+			return "", err
+		}
+		if err := harness.WriteHostJSON(g.HostJSON, hj); err != nil {
+			return "", err
+		}
+		recovery := []byte("demo recovery passphrase")
+		if err := os.WriteFile(g.RecoveryFile, recovery, 0o600); err != nil {
+			return "", err
+		}
+		if err := harness.NewDataDisk(ctx, g.DataDisk, 20, recovery, false); err != nil {
+			return "", err
+		}
+		keys, err := harness.NewSecureBootKeys()
+		if err != nil {
+			return "", err
+		}
+		if err := keys.WriteTemplate(g.UEFITemplate); err != nil {
+			return "", err
+		}
+		return "measurement " + hj.Measurement[:16] + "…, LUKS2 recovery keyslot only", nil
 	}); err != nil {
 		return err
 	}
-	boot := func() (*protocol.SecretPayloadV1, error) {
-		actx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		defer cancel()
-		res, err := harness.Attest(actx, hj)
+	console := func(name string) (*os.File, error) {
+		return os.Create(filepath.Join(vmDir, name+".console"))
+	}
+	boot := func(name string, prime bool, disk string, actions ...string) (*harness.GuestRun, error) {
+		if prime {
+			if _, err := h.Admin.Prime(ctx, "demo"); err != nil {
+				return nil, err
+			}
+		}
+		c, err := console(name)
 		if err != nil {
 			return nil, err
 		}
-		var p protocol.SecretPayloadV1
-		if err := p.UnmarshalBinary(res.Secret); err != nil {
-			return nil, err
+		defer c.Close()
+		o := g
+		o.Console, o.Actions = c, actions
+		if disk != "" {
+			o.StateDisk = disk
 		}
-		return &p, nil
+		return harness.RunGuest(ctx, bins.Guest, o)
 	}
-	confirm := func(p *protocol.SecretPayloadV1, counter uint64) (*protocol.ConfirmResponse, error) {
-		return harness.Confirm(ctx, hj, p.ConfirmKey[:], p.BootID[:], counter)
+	summary := func(r *harness.GuestRun) string {
+		var parts []string
+		for _, ev := range r.Events {
+			switch ev.Event {
+			case "attested":
+				parts = append(parts, fmt.Sprintf("attested (state must hold %s)", ev.Fields["expected_counter"]))
+			case "tpm-manufactured", "tpm-restored":
+				parts = append(parts, ev.Event+" EK "+ev.String("ek_hash")[:12]+"…")
+			case "confirmed":
+				parts = append(parts, fmt.Sprintf("counter %s confirmed", ev.Fields["counter"]))
+			case "measured":
+				parts = append(parts, fmt.Sprintf("measured boot (Secure Boot %v)", ev.Fields["secure_boot"]))
+			case "fde-enrolled":
+				parts = append(parts, "LUKS key sealed to PCRs 4,7,8,9")
+			case "fde-unlocked":
+				parts = append(parts, "LUKS unlocked by "+ev.String("method"))
+			case "action":
+				if ev.String("action") == "nv-increment" {
+					parts = append(parts, fmt.Sprintf("NV counter %s", ev.Fields["nv_counter"]))
+				}
+			case "failed":
+				parts = append(parts, fmt.Sprintf("FAILED CLOSED at %s layer: %s", ev.Layer, ev.Reason))
+			}
+		}
+		return strings.Join(parts, "; ")
 	}
-	var p1 *protocol.SecretPayloadV1
-	if err := d.step("svsm", "boot 1: attest through the proxy (P-521 key bound in REPORT_DATA)", func() (string, error) {
-		var err error
-		p1, err = boot()
+	var ek string
+	if err := d.step("guest", "boot 1 (first boot): attest, manufacture vTPM, enroll keys, seal LUKS key", func() (string, error) {
+		r, err := boot("boot1", true, "", "nv-increment")
 		if err != nil {
 			return "", err
 		}
-		return fmt.Sprintf("secret unwrapped; state must hold counter %d, advance to %d", p1.ExpectedCounter, p1.NextCounter), nil
+		if r.ExitCode != 0 {
+			return "", fmt.Errorf("boot failed: %s", summary(r))
+		}
+		if ev, ok := r.Find("tpm-manufactured"); ok {
+			ek = ev.String("ek_hash")
+		}
+		return summary(r), nil
 	}); err != nil {
 		return err
 	}
-	if err := d.step("svsm", "boot 1: confirm the advanced counter (protocol 0.2.0)", func() (string, error) {
-		r, err := confirm(p1, p1.NextCounter)
+	saved := filepath.Join(vmDir, "state-after-boot1.img")
+	if err := d.step("host", "snapshot the state disk (for the rollback attack later)", func() (string, error) {
+		b, err := os.ReadFile(g.StateDisk)
 		if err != nil {
 			return "", err
 		}
-		return fmt.Sprintf("verifier counter now %d", r.Counter), nil
+		return fmt.Sprintf("%d bytes copied", len(b)), os.WriteFile(saved, b, 0o600)
 	}); err != nil {
 		return err
 	}
-	if err := d.step("attack", "clone: a second instance attests without a new boot request", func() (string, error) {
-		_, err := boot()
-		if !errors.Is(err, attest.ErrRefused) {
-			return "", fmt.Errorf("clone was not refused: %v", err)
+	if err := d.step("guest", "boot 2 (reboot): restore vTPM from encrypted state, unseal LUKS key", func() (string, error) {
+		r, err := boot("boot2", true, "", "nv-increment")
+		if err != nil {
+			return "", err
+		}
+		if r.ExitCode != 0 {
+			return "", fmt.Errorf("boot failed: %s", summary(r))
+		}
+		if ev, ok := r.Find("tpm-restored"); !ok || ev.String("ek_hash") != ek {
+			return "", errors.New("vTPM identity not restored")
+		}
+		if ev, ok := r.Find("fde-unlocked"); !ok || ev.String("method") != "tpm" {
+			return "", errors.New("LUKS key did not unseal")
+		}
+		return summary(r) + "; same EK", nil
+	}); err != nil {
+		return err
+	}
+	if err := d.step("attack", "rollback: host boots the state disk saved after boot 1", func() (string, error) {
+		old := filepath.Join(vmDir, "rolled-back.img")
+		b, err := os.ReadFile(saved)
+		if err != nil {
+			return "", err
+		}
+		if err := os.WriteFile(old, b, 0o600); err != nil {
+			return "", err
+		}
+		r, err := boot("rollback", true, old)
+		if err != nil {
+			return "", err
+		}
+		if last := r.Last(); r.ExitCode == 0 || last.Reason != "stale-state" {
+			return "", fmt.Errorf("rollback was not refused: %s", summary(r))
+		}
+		return "refused by the guest: " + r.Last().String("detail"), nil
+	}); err != nil {
+		return err
+	}
+	return d.step("attack", "clone: host starts a copy of the VM without a new boot request", func() (string, error) {
+		clone := filepath.Join(vmDir, "clone-state.img")
+		b, err := os.ReadFile(g.StateDisk)
+		if err != nil {
+			return "", err
+		}
+		if err := os.WriteFile(clone, b, 0o600); err != nil {
+			return "", err
+		}
+		// The owner primed one boot for the rollback attempt above, which consumed it.
+		r, err := boot("clone", false, clone)
+		if err != nil {
+			return "", err
+		}
+		if r.ExitCode == 0 || r.Last().Reason != "attestation-failed" {
+			return "", fmt.Errorf("clone was not refused: %s", summary(r))
 		}
 		evs, err := h.Admin.Audit(ctx, "demo", 0)
 		if err != nil || len(evs) == 0 {
 			return "", fmt.Errorf("audit: %v", err)
 		}
 		last := evs[len(evs)-1]
-		return "refused; verifier audit: " + last.Event + " " + last.Outcome + " — " + strings.SplitN(last.Reason, " (", 2)[0], nil
-	}); err != nil {
-		return err
-	}
-	var p2 *protocol.SecretPayloadV1
-	if err := d.step("host", "owner primes boot 2; svsm attests again", func() (string, error) {
-		if _, err := h.Admin.Prime(ctx, "demo"); err != nil {
-			return "", err
-		}
-		var err error
-		p2, err = boot()
-		if err != nil {
-			return "", err
-		}
-		if p2.StateKey != p1.StateKey {
-			return "", errors.New("state key changed between boots")
-		}
-		return fmt.Sprintf("same state key; state must now hold counter %d", p2.ExpectedCounter), nil
-	}); err != nil {
-		return err
-	}
-	return d.step("attack", "replay: boot 1's confirmation key tries to move the counter", func() (string, error) {
-		_, err := confirm(p1, p2.NextCounter)
-		if err == nil {
-			return "", errors.New("stale confirmation accepted")
-		}
-		return "refused: " + strings.TrimPrefix(err.Error(), "attestation confirm: refused: "), nil
+		return "no key released; verifier audit: " + last.Event + " " + last.Outcome + " — " + strings.SplitN(last.Reason, " (", 2)[0], nil
 	})
 }
