@@ -56,7 +56,7 @@ func TestVerifierKill9UnderLoad(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			name := fmt.Sprintf("load%d", i)
-			hj := &protocol.HostJSON{ProxySocket: h.ProxySocket, SNPSocket: h.Path("run", "snp-"+name+".sock")}
+			hj := &protocol.HostJSON{ProxySocket: h.ProxySocket, SNPSocket: h.RunPath("snp-" + name + ".sock")}
 			for got := 0; got < boots; {
 				if err := retry(func() error { _, err := h.Admin.Prime(ctx, name); return err }); err != nil {
 					errs <- fmt.Errorf("%s prime: %w", name, err)

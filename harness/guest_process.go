@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -86,9 +87,24 @@ func (r *GuestRun) Action(name string, n int) (protocol.Event, bool) {
 	return protocol.Event{}, false
 }
 
-// RunGuest runs svsm-guest once and collects its events. A non-zero exit is not an error
-// (failing closed is an outcome); a malformed event line, a timeout or a missing binary is.
-func RunGuest(ctx context.Context, bin string, o GuestOptions) (*GuestRun, error) {
+// GuestProcess is a running svsm-guest (the process backend's instance of a VM).
+type GuestProcess struct {
+	cmd     *exec.Cmd
+	timeout time.Duration
+	cancel  context.CancelFunc
+	ctx     context.Context
+	done    chan struct{}
+
+	mu       sync.Mutex
+	changed  chan struct{} // closed and replaced whenever an event arrives or the guest exits
+	run      GuestRun
+	parseErr error
+	waitErr  error
+}
+
+// StartGuest starts svsm-guest and streams its events. The process is killed after
+// o.Timeout (default 2 minutes) and when the harness dies.
+func StartGuest(ctx context.Context, bin string, o GuestOptions) (*GuestProcess, error) {
 	if bin == "" {
 		return nil, errors.New("svsm-guest binary not found (run `make build`)")
 	}
@@ -106,59 +122,178 @@ func RunGuest(ctx context.Context, bin string, o GuestOptions) (*GuestRun, error
 		args = append(args, "--then", strings.Join(o.Actions, ","))
 	}
 	ctx, cancel := context.WithTimeout(ctx, o.Timeout)
-	defer cancel()
 	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	var stderr bytes.Buffer
+	g := &GuestProcess{cmd: cmd, timeout: o.Timeout, cancel: cancel, ctx: ctx, done: make(chan struct{}), changed: make(chan struct{})}
 	console := o.Console
 	if console == nil {
 		console = io.Discard
 	}
+	console = &lockedWriter{w: console}
+	var stderr bytes.Buffer
 	cmd.Stderr = io.MultiWriter(&stderr, console)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
+		cancel()
 		return nil, err
 	}
 	if err := cmd.Start(); err != nil {
+		cancel()
 		return nil, fmt.Errorf("start svsm-guest: %w", err)
 	}
-	run := &GuestRun{}
-	var out strings.Builder
-	var parseErr error
-	sc := bufio.NewScanner(stdout)
-	sc.Buffer(make([]byte, 0, 64<<10), protocol.MaxEventLine)
-	for sc.Scan() {
-		line := sc.Text()
-		out.WriteString(line + "\n")
-		fmt.Fprintln(console, line)
-		ev, ok, err := protocol.ParseEventLine(line)
-		if err != nil && parseErr == nil {
-			parseErr = err
-		}
-		if ok && err == nil {
-			run.Events = append(run.Events, ev)
-			if o.OnEvent != nil {
+	go func() {
+		var out strings.Builder
+		sc := bufio.NewScanner(stdout)
+		sc.Buffer(make([]byte, 0, 64<<10), protocol.MaxEventLine)
+		for sc.Scan() {
+			line := sc.Text()
+			out.WriteString(line + "\n")
+			fmt.Fprintln(console, line)
+			ev, ok, perr := protocol.ParseEventLine(line)
+			g.mu.Lock()
+			if perr != nil && g.parseErr == nil {
+				g.parseErr = perr
+			}
+			if ok && perr == nil {
+				g.run.Events = append(g.run.Events, ev)
+			}
+			g.notifyLocked()
+			g.mu.Unlock()
+			if ok && perr == nil && o.OnEvent != nil {
 				o.OnEvent(ev)
 			}
 		}
+		if err := sc.Err(); err != nil {
+			g.mu.Lock()
+			if g.parseErr == nil {
+				g.parseErr = fmt.Errorf("guest console: %w", err)
+			}
+			g.mu.Unlock()
+			_, _ = io.Copy(io.Discard, stdout) // keep the guest from blocking on a full pipe
+		}
+		werr := cmd.Wait()
+		g.mu.Lock()
+		g.run.Stdout, g.run.Stderr = out.String(), stderr.String()
+		var ee *exec.ExitError
+		switch {
+		case ctx.Err() != nil && !errors.Is(ctx.Err(), context.Canceled):
+			g.waitErr = fmt.Errorf("svsm-guest did not finish within %s: %w", o.Timeout, ctx.Err())
+		case errors.As(werr, &ee):
+			g.run.ExitCode = ee.ExitCode()
+		case werr != nil:
+			g.waitErr = fmt.Errorf("run svsm-guest: %w", werr)
+		}
+		g.notifyLocked()
+		g.mu.Unlock()
+		cancel()
+		close(g.done)
+	}()
+	return g, nil
+}
+
+func (g *GuestProcess) notifyLocked() {
+	close(g.changed)
+	g.changed = make(chan struct{})
+}
+
+// PID is the guest's process id.
+func (g *GuestProcess) PID() int { return g.cmd.Process.Pid }
+
+// Kill stops the guest with SIGKILL (a power cut) and waits for it.
+func (g *GuestProcess) Kill() {
+	_ = g.cmd.Process.Kill()
+	<-g.done
+}
+
+// Events returns the events so far.
+func (g *GuestProcess) Events() []protocol.Event {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return append([]protocol.Event(nil), g.run.Events...)
+}
+
+// WaitForEvent waits up to timeout for the first event, from the start of the boot, that
+// match accepts. It fails when the guest exits or the time is up without one.
+func (g *GuestProcess) WaitForEvent(ctx context.Context, timeout time.Duration, match func(protocol.Event) bool) (protocol.Event, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	seen := 0
+	for {
+		g.mu.Lock()
+		evs, changed := g.run.Events, g.changed
+		exited := g.isDone()
+		g.mu.Unlock()
+		for ; seen < len(evs); seen++ {
+			if match(evs[seen]) {
+				return evs[seen], nil
+			}
+		}
+		if exited {
+			return protocol.Event{}, fmt.Errorf("guest exited without the awaited event (last: %+v)", last(evs))
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return protocol.Event{}, fmt.Errorf("no awaited event within %s (last: %+v): %w", timeout, last(evs), ctx.Err())
+		}
 	}
-	if err := sc.Err(); err != nil && parseErr == nil {
-		parseErr = fmt.Errorf("guest console: %w", err)
-		_, _ = io.Copy(io.Discard, stdout) // keep the guest from blocking on a full pipe
+}
+
+func (g *GuestProcess) isDone() bool {
+	select {
+	case <-g.done:
+		return true
+	default:
+		return false
 	}
-	err = cmd.Wait()
-	run.Stdout, run.Stderr = out.String(), stderr.String()
+}
+
+func last(evs []protocol.Event) protocol.Event {
+	if len(evs) == 0 {
+		return protocol.Event{}
+	}
+	return evs[len(evs)-1]
+}
+
+// Wait waits for the guest to exit and returns what it printed. A non-zero exit is not an
+// error (failing closed is an outcome); a malformed event line or a timeout is.
+func (g *GuestProcess) Wait(ctx context.Context) (*GuestRun, error) {
+	select {
+	case <-g.done:
+	case <-ctx.Done():
+		g.Kill()
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	run := g.run
+	run.Events = append([]protocol.Event(nil), g.run.Events...)
+	if g.waitErr != nil {
+		return &run, g.waitErr
+	}
 	if ctx.Err() != nil {
-		return run, fmt.Errorf("svsm-guest did not finish within %s: %w", o.Timeout, ctx.Err())
+		return &run, ctx.Err()
 	}
-	var ee *exec.ExitError
-	switch {
-	case errors.As(err, &ee):
-		run.ExitCode = ee.ExitCode()
-	case err != nil:
-		return run, fmt.Errorf("run svsm-guest: %w", err)
+	return &run, g.parseErr
+}
+
+// RunGuest runs svsm-guest once to the end.
+func RunGuest(ctx context.Context, bin string, o GuestOptions) (*GuestRun, error) {
+	g, err := StartGuest(ctx, bin, o)
+	if err != nil {
+		return nil, err
 	}
-	return run, parseErr
+	return g.Wait(ctx)
+}
+
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
 }
 
 // NewDataDisk formats a LUKS2 image at path with the recovery passphrase in keyslot 0.

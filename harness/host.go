@@ -77,6 +77,9 @@ type HostOptions struct {
 	// couple of seconds of RSA-4096 key generation).
 	ReadyTimeout time.Duration
 	Logger       *slog.Logger
+	// CADir, if set, is a fake AMD chain (fakesnp's ca directory) copied in before fakesnp
+	// starts, so many hosts can share one RSA-4096 key generation.
+	CADir string
 }
 
 // Host is a running host side.
@@ -93,7 +96,13 @@ type Host struct {
 	Admin       *verifier.AdminClient
 	SNP         *fakesnp.Client
 	log         *slog.Logger
+	runDir      string
+	ownRunDir   bool
 }
+
+// RunPath names a socket of this host. Sockets live in WorkDir/run unless that path could
+// exceed the unix socket limit (108 bytes), then in a short private directory under /tmp.
+func (h *Host) RunPath(name string) string { return filepath.Join(h.runDir, name) }
 
 // Path joins parts under the host's work directory.
 func (h *Host) Path(parts ...string) string { return h.path(parts...) }
@@ -117,10 +126,20 @@ func StartHost(ctx context.Context, opts HostOptions) (h *Host, err error) {
 	if err := os.MkdirAll(opts.WorkDir, 0o755); err != nil {
 		return nil, err
 	}
-	h = &Host{opts: opts, log: opts.Logger}
+	started := &Host{opts: opts, log: opts.Logger, runDir: filepath.Join(opts.WorkDir, "run")}
+	if len(started.runDir)+len("/snp-.sock")+64 > 107 {
+		d, err := os.MkdirTemp("", "se2e-")
+		if err != nil {
+			return nil, err
+		}
+		started.runDir, started.ownRunDir = d, true
+	} else if err := os.MkdirAll(started.runDir, 0o755); err != nil {
+		return nil, err
+	}
+	h = started
 	defer func() {
 		if err != nil {
-			h.Stop()
+			_ = started.Stop() // the named result is nil by now
 		}
 	}()
 	if err := h.startFakeSNP(ctx); err != nil {
@@ -160,6 +179,13 @@ func (h *Host) launch(ctx context.Context, name, bin string, args []string, addr
 }
 
 func (h *Host) startFakeSNP(ctx context.Context) error {
+	if h.opts.CADir != "" {
+		if _, err := os.Stat(h.path("fakesnp", "ca")); errors.Is(err, os.ErrNotExist) {
+			if err := os.CopyFS(h.path("fakesnp", "ca"), os.DirFS(h.opts.CADir)); err != nil {
+				return fmt.Errorf("copy fake AMD chain: %w", err)
+			}
+		}
+	}
 	p, addrs, err := h.launch(ctx, "fakesnp", h.opts.Binaries.FakeSNP,
 		[]string{"serve", "--state-dir", h.path("fakesnp"), "--listen", "127.0.0.1:0", "--addr-file", h.path("run", "fakesnp.addr")},
 		h.path("run", "fakesnp.addr"))
@@ -225,7 +251,7 @@ func (h *Host) RestartVerifier(ctx context.Context) error {
 }
 
 func (h *Host) startProxy(ctx context.Context) error {
-	h.ProxySocket = h.path("run", "proxy.sock")
+	h.ProxySocket = h.RunPath("proxy.sock")
 	addrFile := h.path("run", "proxy.addr")
 	p, _, err := h.launch(ctx, "svsm-proxy", h.opts.Binaries.Proxy,
 		[]string{"--listen-unix", h.ProxySocket, "--addr-file", addrFile, "--verifier-url", h.VerifierURL, "--step-timeout", "30s"}, addrFile)
@@ -242,6 +268,9 @@ func (h *Host) Stop() error {
 				errs = append(errs, err)
 			}
 		}
+	}
+	if h.ownRunDir {
+		_ = os.RemoveAll(h.runDir)
 	}
 	return errors.Join(errs...)
 }
@@ -285,7 +314,7 @@ func (h *Host) AddVM(ctx context.Context, s VMSetup) (*protocol.HostJSON, error)
 		s.Chip = "chip0"
 	}
 	info, err := h.SNP.AddLaunch(ctx, fakesnp.LaunchSpec{Name: s.Name, Chip: s.Chip, Measurement: s.Measurement, HostData: s.HostData, Policy: s.Policy, Faults: s.Faults,
-		Socket: h.path("run", "snp-"+s.Name+".sock")})
+		Socket: h.RunPath("snp-" + s.Name + ".sock")})
 	if err != nil {
 		return nil, err
 	}

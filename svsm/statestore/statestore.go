@@ -324,3 +324,35 @@ func isZero(b []byte) bool {
 	}
 	return true
 }
+
+// HeaderInfo is what anyone — the host included — can read from a slot without the key:
+// headers are authenticated but not encrypted.
+type HeaderInfo struct {
+	Slot       int
+	Present    bool // the header is not all zeros
+	Valid      bool // magic and checksum are right
+	Counter    uint64
+	Generation uint64
+	VMID       [VMIDSize]byte
+}
+
+// InspectHeaders reads both slot headers without decrypting anything.
+func InspectHeaders(dev io.ReaderAt) ([SlotCount]HeaderInfo, error) {
+	var out [SlotCount]HeaderInfo
+	for i := range SlotCount {
+		h := make([]byte, HeaderSize)
+		n, err := dev.ReadAt(h, int64(i)*SlotSize)
+		if err != nil && !errors.Is(err, io.EOF) {
+			return out, err
+		}
+		hi := HeaderInfo{Slot: i, Present: n > 0 && !isZero(h[:n])}
+		if n == HeaderSize && bytes.Equal(h[:8], Magic[:]) && binary.LittleEndian.Uint32(h[offCRC:]) == crc32.Checksum(h[:offCRC], crcTable) {
+			hi.Valid = true
+			hi.Counter = binary.LittleEndian.Uint64(h[offCounter:])
+			hi.Generation = binary.LittleEndian.Uint64(h[offGen:])
+			copy(hi.VMID[:], h[offVMID:])
+		}
+		out[i] = hi
+	}
+	return out, nil
+}

@@ -1,0 +1,126 @@
+// Package scenarios is the end-to-end suite (SCENARIOS.md): each spec starts a whole stack —
+// fakesnp, svsm-verifier, svsm-proxy as real processes, and svsm-guest boots — plays the host
+// (benign or malicious) and asserts what every layer saw.
+//
+// Run: `make scenarios`, or `go tool ginkgo -p ./scenarios`, one family with
+// `--focus 'rollback'`, one label with `--label-filter attack`. A failed spec keeps its
+// artifact bundle (see README) and names it in the report.
+package scenarios
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"hash/fnv"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"testing"
+	"time"
+
+	. "github.com/onsi/ginkgo/v2"
+	. "github.com/onsi/gomega"
+
+	"github.com/svsm-e2e/svsm-e2e/fakesnp"
+	"github.com/svsm-e2e/svsm-e2e/harness"
+)
+
+func TestScenarios(t *testing.T) {
+	RegisterFailHandler(Fail)
+	RunSpecs(t, "svsm-e2e scenarios")
+}
+
+// shared is what process 1 prepares once for every parallel process.
+type shared struct {
+	BinDir string `json:"bin_dir"`
+	CADir  string `json:"ca_dir"`
+}
+
+var suite shared
+
+var _ = SynchronizedBeforeSuite(func() []byte {
+	s := shared{BinDir: os.Getenv("SVSM_E2E_BIN")}
+	if s.BinDir == "" {
+		dir, err := os.MkdirTemp("", "svsm-e2e-suite-bin-")
+		Expect(err).NotTo(HaveOccurred())
+		out, err := exec.Command("go", "build", "-o", dir+"/", "../cmd/fakesnp", "../cmd/svsm-verifier",
+			"../cmd/svsm-proxy", "../cmd/svsm-guest").CombinedOutput()
+		Expect(err).NotTo(HaveOccurred(), "build binaries:\n%s", out)
+		s.BinDir = dir
+	}
+	ca, err := os.MkdirTemp("", "svsm-e2e-suite-ca-")
+	Expect(err).NotTo(HaveOccurred())
+	_, err = fakesnp.LoadOrCreateCA(fakesnp.CAOptions{Dir: ca})
+	Expect(err).NotTo(HaveOccurred())
+	s.CADir = ca
+	b, err := json.Marshal(s)
+	Expect(err).NotTo(HaveOccurred())
+	return b
+}, func(b []byte) {
+	Expect(json.Unmarshal(b, &suite)).To(Succeed())
+})
+
+var _ = SynchronizedAfterSuite(func() {}, func() {
+	_ = os.RemoveAll(suite.CADir)
+	if os.Getenv("SVSM_E2E_BIN") == "" {
+		_ = os.RemoveAll(suite.BinDir)
+	}
+})
+
+var unsafeChars = regexp.MustCompile(`[^A-Za-z0-9._-]+`)
+
+// artifactsRoot is where failed specs leave their bundle.
+func artifactsRoot() string {
+	if d := os.Getenv("SVSM_E2E_ARTIFACTS"); d != "" {
+		return d
+	}
+	return filepath.Join(os.TempDir(), "svsm-e2e-artifacts")
+}
+
+// newStack starts a stack for the current spec. Its directory is the artifact bundle: kept
+// and reported when the spec fails (or SVSM_E2E_KEEP=1), removed otherwise.
+func newStack() *harness.Stack {
+	GinkgoHelper()
+	report := CurrentSpecReport()
+	h := fnv.New64a()
+	h.Write([]byte(report.FullText()))
+	seed := uint64(GinkgoRandomSeed()) ^ h.Sum64()
+	name := unsafeChars.ReplaceAllString(report.FullText(), "_")
+	if len(name) > 60 {
+		name = name[:60]
+	}
+	Expect(os.MkdirAll(artifactsRoot(), 0o755)).To(Succeed())
+	dir, err := os.MkdirTemp(artifactsRoot(), fmt.Sprintf("%s-p%d-", name, GinkgoParallelProcess()))
+	Expect(err).NotTo(HaveOccurred())
+	bins, err := harness.FindBinaries(suite.BinDir)
+	Expect(err).NotTo(HaveOccurred())
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	s, err := harness.NewStack(ctx, harness.StackOptions{WorkDir: dir, Binaries: bins, CADir: suite.CADir, Seed: seed})
+	Expect(err).NotTo(HaveOccurred())
+	AddReportEntry("seed", seed)
+	DeferCleanup(func() {
+		failed := CurrentSpecReport().Failed()
+		if failed {
+			cctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
+			_ = s.CollectArtifacts(cctx)
+			ccancel()
+		}
+		Expect(s.Close()).To(Succeed())
+		if failed || os.Getenv("SVSM_E2E_KEEP") == "1" {
+			AddReportEntry("artifacts", dir)
+			GinkgoWriter.Printf("artifact bundle: %s\n", dir)
+			return
+		}
+		_ = os.RemoveAll(dir)
+	})
+	return s
+}
+
+// ctx bounds one step of a spec.
+func ctx() context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	DeferCleanup(cancel)
+	return c
+}
