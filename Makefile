@@ -5,7 +5,7 @@ BACKEND ?= process
 GO ?= go
 BIN := bin
 
-.PHONY: all deps build test fuzz bench demo vet clean
+.PHONY: all deps build test scenarios fuzz bench demo vet clean
 
 all: build
 
@@ -24,9 +24,21 @@ vet:
 	@test -z "$$(gofmt -l .)" || { echo "gofmt needed:"; gofmt -l .; exit 1; }
 	$(GO) vet ./...
 
-# Every test: unit, fuzz seed corpora, integration tests that run the real binaries.
-test: deps vet
-	$(GO) test -race -count=1 ./...
+# Every test: unit tests, fuzz seed corpora and integration tests (with the race detector),
+# then the Ginkgo scenario suite in parallel against the built binaries.
+test: deps vet build
+	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /scenarios$$)
+	$(MAKE) --no-print-directory scenarios
+
+# The scenario suite alone. LABELS filters by label (e.g. LABELS='attack && !slow'), FOCUS by
+# spec text; JUNIT names a JUnit XML report to write. Failed specs print their artifact bundle.
+LABELS ?=
+FOCUS ?=
+JUNIT ?=
+scenarios: build
+	SVSM_E2E_BIN=$(CURDIR)/$(BIN) $(GO) tool ginkgo -p --timeout 60m \
+	  $(if $(LABELS),--label-filter '$(LABELS)') $(if $(FOCUS),--focus '$(FOCUS)') \
+	  $(if $(JUNIT),--junit-report $(abspath $(JUNIT))) ./scenarios
 
 # Run each fuzz target for FUZZTIME (default 10s).
 FUZZTIME ?= 10s

@@ -10,7 +10,9 @@ import (
 	"io"
 	"net"
 	"os"
+	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/svsm-e2e/svsm-e2e/firmware"
@@ -38,6 +40,10 @@ type Config struct {
 	Out                io.Writer
 	// AttestTimeout bounds attestation and each confirmation (60 s when zero).
 	AttestTimeout time.Duration
+	// CrashAfter is a fault-injection point for crash-window tests: right after printing
+	// the first event that matches "EVENT" or "EVENT=WHY" (matching the "why" or "action"
+	// field), the process kills itself with SIGKILL, as a power cut would.
+	CrashAfter string
 }
 
 // Outcome is how a successful boot ended.
@@ -59,8 +65,9 @@ func (f *Failure) Error() string { return fmt.Sprintf("%s layer: %s: %v", f.Laye
 func (f *Failure) Unwrap() error { return f.Err }
 
 type emitter struct {
-	mu  sync.Mutex
-	out io.Writer
+	mu         sync.Mutex
+	out        io.Writer
+	crashAfter string
 }
 
 func (e *emitter) Emit(ev protocol.Event) {
@@ -71,6 +78,21 @@ func (e *emitter) Emit(ev protocol.Event) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	fmt.Fprintln(e.out, line)
+	if e.crashAfter != "" && crashMatches(e.crashAfter, ev) {
+		if f, ok := e.out.(interface{ Sync() error }); ok {
+			_ = f.Sync()
+		}
+		_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+		select {} // SIGKILL cannot be caught; never continue past a crash point
+	}
+}
+
+func crashMatches(spec string, ev protocol.Event) bool {
+	name, sub, hasSub := strings.Cut(spec, "=")
+	if ev.Event != name {
+		return false
+	}
+	return !hasSub || ev.String("why") == sub || ev.String("action") == sub
 }
 
 func (e *emitter) layer(layer string) func(event, reason string, fields map[string]any) {
@@ -82,7 +104,7 @@ func (e *emitter) layer(layer string) func(event, reason string, fields map[stri
 // Run boots once. On failure the last event printed is "failed" with the layer and reason,
 // and the error is a *Failure.
 func Run(ctx context.Context, cfg Config) (Outcome, error) {
-	em := &emitter{out: cfg.Out}
+	em := &emitter{out: cfg.Out, crashAfter: cfg.CrashAfter}
 	out, err := run(ctx, cfg, em)
 	if err != nil {
 		var f *Failure

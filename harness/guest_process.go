@@ -32,6 +32,10 @@ type GuestOptions struct {
 	Console io.Writer
 	// Timeout bounds the whole boot (default 2 minutes); the process is killed after it.
 	Timeout time.Duration
+	// CrashAfter makes the guest cut its own power after an event (see svsm-guest --crash-after).
+	CrashAfter string
+	// AttestTimeout bounds the guest's attestation and confirmations (its default when zero).
+	AttestTimeout time.Duration
 	// OnEvent, if set, sees each event as the guest prints it, while the guest waits for
 	// nothing: the host acts at that moment (snapshot a disk, kill a process).
 	OnEvent func(protocol.Event)
@@ -120,6 +124,12 @@ func StartGuest(ctx context.Context, bin string, o GuestOptions) (*GuestProcess,
 	}
 	if len(o.Actions) > 0 {
 		args = append(args, "--then", strings.Join(o.Actions, ","))
+	}
+	if o.CrashAfter != "" {
+		args = append(args, "--crash-after", o.CrashAfter)
+	}
+	if o.AttestTimeout > 0 {
+		args = append(args, "--attest-timeout", o.AttestTimeout.String())
 	}
 	ctx, cancel := context.WithTimeout(ctx, o.Timeout)
 	cmd := exec.CommandContext(ctx, bin, args...)

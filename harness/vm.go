@@ -131,6 +131,9 @@ type BootOptions struct {
 	NoRecovery bool
 	Timeout    time.Duration
 	OnEvent    func(protocol.Event)
+	// CrashAfter cuts the guest's power right after an event (see GuestOptions).
+	CrashAfter    string
+	AttestTimeout time.Duration
 }
 
 // Prime asks the verifier for one more boot of this VM's registration.
@@ -165,7 +168,7 @@ func (v *VM) Start(ctx context.Context, o BootOptions) (Instance, error) {
 	}
 	g := GuestOptions{HostJSON: v.HostJSON, StateDisk: v.StateDisk, DataDisk: v.DataDisk, RecoveryFile: v.RecoveryFile,
 		Kernel: v.Kernel, Initrd: v.Initrd, Cmdline: v.Cmdline, UEFITemplate: v.Template, Actions: o.Actions,
-		Console: console, Timeout: o.Timeout, OnEvent: o.OnEvent}
+		Console: console, Timeout: o.Timeout, OnEvent: o.OnEvent, CrashAfter: o.CrashAfter, AttestTimeout: o.AttestTimeout}
 	if o.NoRecovery {
 		g.RecoveryFile = ""
 	}
@@ -201,14 +204,18 @@ func (v *VM) Console(n int) (string, error) {
 }
 
 // Snapshot copies the state disk aside under label (the host's backup).
-func (v *VM) Snapshot(label string) error {
-	return copyFile(v.StateDisk, filepath.Join(v.Dir, "steps", "snapshot-"+label+".img"))
+func (v *VM) Snapshot(label string) error { return copyFile(v.StateDisk, v.SnapshotPath(label)) }
+
+// SnapshotPath is where Snapshot(label) keeps its copy.
+func (v *VM) SnapshotPath(label string) string {
+	return filepath.Join(v.Dir, "steps", "snapshot-"+label+".img")
 }
 
 // Restore puts a snapshot back as the state disk (a rollback by the host).
-func (v *VM) Restore(label string) error {
-	return copyFile(filepath.Join(v.Dir, "steps", "snapshot-"+label+".img"), v.StateDisk)
-}
+func (v *VM) Restore(label string) error { return v.LoadState(v.SnapshotPath(label)) }
+
+// LoadState replaces the state disk with a copy of the file at path (any VM's disk).
+func (v *VM) LoadState(path string) error { return copyFile(path, v.StateDisk) }
 
 // Corrupt XORs mask into the state disk at offset.
 func (v *VM) Corrupt(offset int64, mask byte) error {
@@ -365,6 +372,9 @@ func copyFile(from, to string) error {
 	}
 	return os.WriteFile(to, b, 0o600)
 }
+
+// SNPSocket is the §4 channel of the VM's current launch.
+func (v *VM) SNPSocket() string { return v.hj.SNPSocket }
 
 // StateHeaders is the host's view of the state disk: both slot headers, read without a key.
 func (v *VM) StateHeaders() ([statestore.SlotCount]statestore.HeaderInfo, error) {

@@ -91,5 +91,6 @@ first boot. Events go to stdout, one per line: SVSM-E2E-EVENT {"event":..,"layer
 	f.StringVar(&cfg.Cmdline, "cmdline", "console=ttyS0", "kernel command line the firmware measures")
 	f.StringVar(&cfg.UEFITemplate, "uefi-template", "", "JSON variable updates enrolled on first boot (Secure Boot keys)")
 	f.DurationVar(&cfg.AttestTimeout, "attest-timeout", 60*time.Second, "bound on attestation and each confirmation")
+	f.StringVar(&cfg.CrashAfter, "crash-after", "", "fault injection: SIGKILL itself right after the event EVENT[=WHY|ACTION]")
 	return cmd
 }
