@@ -73,10 +73,11 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries) (err er
 	d := &demo{}
 	fmt.Println("svsm-e2e demo — backend: process (every box is a real process on a real socket)")
 	fmt.Println()
-	var h *harness.Host
+	var s *harness.Stack
 	defer func() {
-		if h != nil {
-			_ = h.Stop()
+		if s != nil {
+			_ = s.CollectArtifacts(context.WithoutCancel(ctx))
+			_ = s.Close()
 		}
 		fmt.Println()
 		tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
@@ -86,76 +87,32 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries) (err er
 		}
 		tw.Flush()
 		fmt.Println()
-		fmt.Printf("Guest consoles: %s   host logs: %s\n", filepath.Join(workdir, "vm"), filepath.Join(workdir, "logs"))
+		fmt.Printf("Everything (consoles, disks at each step, host logs, verifier audit): %s\n", workdir)
 	}()
 	if bins.Guest == "" {
 		return errors.New("svsm-guest binary not found (run `make build`)")
 	}
 	if err := d.step("host", "start fakesnp, svsm-verifier, svsm-proxy", func() (string, error) {
 		var err error
-		h, err = harness.StartHost(ctx, harness.HostOptions{WorkDir: workdir, Binaries: bins, Logger: daemon.Logger("demo", "text", "error")})
+		s, err = harness.NewStack(ctx, harness.StackOptions{WorkDir: workdir, Binaries: bins, Seed: 1,
+			Logger: daemon.Logger("demo", "text", "error")})
 		if err != nil {
 			return "", err
 		}
-		return fmt.Sprintf("verifier %s, proxy %s", h.VerifierURL, h.ProxySocket), nil
+		return fmt.Sprintf("verifier %s, proxy %s", s.Host.VerifierURL, s.ProxySocket()), nil
 	}); err != nil {
 		return err
 	}
-	vmDir := filepath.Join(workdir, "vm")
-	g := harness.GuestOptions{
-		HostJSON: filepath.Join(vmDir, "host.json"), StateDisk: filepath.Join(vmDir, "state.img"),
-		DataDisk: filepath.Join(vmDir, "data.img"), RecoveryFile: filepath.Join(vmDir, "recovery-passphrase"),
-		UEFITemplate: filepath.Join(vmDir, "uefi-template.json"), Cmdline: "console=ttyS0 root=/dev/mapper/svsm-data",
-	}
+	var vm *harness.VM
 	if err := d.step("host", "launch VM 'demo', register it (secret v1), make a LUKS2 data disk and Secure Boot keys", func() (string, error) {
-		hj, err := h.AddVM(ctx, harness.VMSetup{Name: "demo"})
+		var err error
+		vm, err = s.NewVM(ctx, harness.VMOptions{Name: "demo"})
 		if err != nil {
 			return "", err
 		}
-		if err := os.MkdirAll(vmDir, 0o755); err != nil {
-			return "", err
-		}
-		if err := harness.WriteHostJSON(g.HostJSON, hj); err != nil {
-			return "", err
-		}
-		recovery := []byte("demo recovery passphrase")
-		if err := os.WriteFile(g.RecoveryFile, recovery, 0o600); err != nil {
-			return "", err
-		}
-		if err := harness.NewDataDisk(ctx, g.DataDisk, 20, recovery, false); err != nil {
-			return "", err
-		}
-		keys, err := harness.NewSecureBootKeys()
-		if err != nil {
-			return "", err
-		}
-		if err := keys.WriteTemplate(g.UEFITemplate); err != nil {
-			return "", err
-		}
-		return "measurement " + hj.Measurement[:16] + "…, LUKS2 recovery keyslot only", nil
+		return "LUKS2 data disk with a recovery keyslot only; PK/KEK/db template for first boot", nil
 	}); err != nil {
 		return err
-	}
-	console := func(name string) (*os.File, error) {
-		return os.Create(filepath.Join(vmDir, name+".console"))
-	}
-	boot := func(name string, prime bool, disk string, actions ...string) (*harness.GuestRun, error) {
-		if prime {
-			if _, err := h.Admin.Prime(ctx, "demo"); err != nil {
-				return nil, err
-			}
-		}
-		c, err := console(name)
-		if err != nil {
-			return nil, err
-		}
-		defer c.Close()
-		o := g
-		o.Console, o.Actions = c, actions
-		if disk != "" {
-			o.StateDisk = disk
-		}
-		return harness.RunGuest(ctx, bins.Guest, o)
 	}
 	summary := func(r *harness.GuestRun) string {
 		var parts []string
@@ -183,14 +140,20 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries) (err er
 		}
 		return strings.Join(parts, "; ")
 	}
-	var ek string
-	if err := d.step("guest", "boot 1 (first boot): attest, manufacture vTPM, enroll keys, seal LUKS key", func() (string, error) {
-		r, err := boot("boot1", true, "", "nv-increment")
+	bootOK := func(r *harness.GuestRun, err error) (*harness.GuestRun, error) {
 		if err != nil {
-			return "", err
+			return nil, err
 		}
 		if r.ExitCode != 0 {
-			return "", fmt.Errorf("boot failed: %s", summary(r))
+			return nil, fmt.Errorf("boot failed: %s", summary(r))
+		}
+		return r, nil
+	}
+	var ek string
+	if err := d.step("guest", "boot 1 (first boot): attest, manufacture vTPM, enroll keys, seal LUKS key", func() (string, error) {
+		r, err := bootOK(vm.Boot(ctx, harness.BootOptions{Actions: []string{"nv-increment"}}))
+		if err != nil {
+			return "", err
 		}
 		if ev, ok := r.Find("tpm-manufactured"); ok {
 			ek = ev.String("ek_hash")
@@ -199,23 +162,15 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries) (err er
 	}); err != nil {
 		return err
 	}
-	saved := filepath.Join(vmDir, "state-after-boot1.img")
 	if err := d.step("host", "snapshot the state disk (for the rollback attack later)", func() (string, error) {
-		b, err := os.ReadFile(g.StateDisk)
-		if err != nil {
-			return "", err
-		}
-		return fmt.Sprintf("%d bytes copied", len(b)), os.WriteFile(saved, b, 0o600)
+		return "kept as " + vm.SnapshotPath("after-boot1"), vm.Snapshot("after-boot1")
 	}); err != nil {
 		return err
 	}
 	if err := d.step("guest", "boot 2 (reboot): restore vTPM from encrypted state, unseal LUKS key", func() (string, error) {
-		r, err := boot("boot2", true, "", "nv-increment")
+		r, err := bootOK(vm.Boot(ctx, harness.BootOptions{Actions: []string{"nv-increment"}}))
 		if err != nil {
 			return "", err
-		}
-		if r.ExitCode != 0 {
-			return "", fmt.Errorf("boot failed: %s", summary(r))
 		}
 		if ev, ok := r.Find("tpm-restored"); !ok || ev.String("ek_hash") != ek {
 			return "", errors.New("vTPM identity not restored")
@@ -228,15 +183,14 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries) (err er
 		return err
 	}
 	if err := d.step("attack", "rollback: host boots the state disk saved after boot 1", func() (string, error) {
-		old := filepath.Join(vmDir, "rolled-back.img")
-		b, err := os.ReadFile(saved)
-		if err != nil {
+		if err := vm.Snapshot("current"); err != nil {
 			return "", err
 		}
-		if err := os.WriteFile(old, b, 0o600); err != nil {
+		if err := vm.Restore("after-boot1"); err != nil {
 			return "", err
 		}
-		r, err := boot("rollback", true, old)
+		defer func() { _ = vm.Restore("current") }()
+		r, err := vm.Boot(ctx, harness.BootOptions{})
 		if err != nil {
 			return "", err
 		}
@@ -248,23 +202,19 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries) (err er
 		return err
 	}
 	return d.step("attack", "clone: host starts a copy of the VM without a new boot request", func() (string, error) {
-		clone := filepath.Join(vmDir, "clone-state.img")
-		b, err := os.ReadFile(g.StateDisk)
+		clone, err := s.Clone(vm, "demo-clone")
 		if err != nil {
 			return "", err
 		}
-		if err := os.WriteFile(clone, b, 0o600); err != nil {
-			return "", err
-		}
 		// The owner primed one boot for the rollback attempt above, which consumed it.
-		r, err := boot("clone", false, clone)
+		r, err := clone.Boot(ctx, harness.BootOptions{NoPrime: true})
 		if err != nil {
 			return "", err
 		}
 		if r.ExitCode == 0 || r.Last().Reason != "attestation-failed" {
 			return "", fmt.Errorf("clone was not refused: %s", summary(r))
 		}
-		evs, err := h.Admin.Audit(ctx, "demo", 0)
+		evs, err := s.Audit(ctx, vm.Registration)
 		if err != nil || len(evs) == 0 {
 			return "", fmt.Errorf("audit: %v", err)
 		}
