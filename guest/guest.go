@@ -25,8 +25,14 @@ import (
 
 // Config describes one boot.
 type Config struct {
-	ProxySocket string // §1 channel
-	SNPSocket   string // §4 channel
+	ProxySocket string // §1 channel (a unix socket), unless ProxyDial is set
+	SNPSocket   string // §4 channel (a unix socket), unless SNP is set
+	// ProxyDial and SNP replace the sockets with other transports (serial ports in a VM).
+	ProxyDial svsm.Dialer
+	SNP       io.ReadWriter
+	// DataDevice is the unlocked data disk (/dev/mapper/...) for the data-* actions; empty
+	// when the disk is only verified (process backend).
+	DataDevice string
 	StateDisk   string
 	DataDisk    string // LUKS2 image; empty for none
 	// RecoveryPassphrase is what a user at the console would type; nil for nobody.
@@ -136,19 +142,26 @@ func run(ctx context.Context, cfg Config, em *emitter) (Outcome, error) {
 		return "", svsmFail(&svsm.Error{Code: svsm.CodeStateIO, Err: err})
 	}
 	defer disk.Close()
-	snp, err := net.Dial("unix", cfg.SNPSocket)
-	if err != nil {
-		return "", svsmFail(&svsm.Error{Code: svsm.CodeAttestation, Err: fmt.Errorf("connect to the SNP report channel: %w", err)})
-	}
-	defer snp.Close()
-	dial := func(ctx context.Context) (io.ReadWriteCloser, error) {
-		var d net.Dialer
-		c, err := d.DialContext(ctx, "unix", cfg.ProxySocket)
+	snp := cfg.SNP
+	if snp == nil {
+		c, err := net.Dial("unix", cfg.SNPSocket)
 		if err != nil {
-			return nil, err
+			return "", svsmFail(&svsm.Error{Code: svsm.CodeAttestation, Err: fmt.Errorf("connect to the SNP report channel: %w", err)})
 		}
-		_ = c.SetDeadline(time.Now().Add(timeout))
-		return c, nil
+		defer c.Close()
+		snp = c
+	}
+	dial := cfg.ProxyDial
+	if dial == nil {
+		dial = func(ctx context.Context) (io.ReadWriteCloser, error) {
+			var d net.Dialer
+			c, err := d.DialContext(ctx, "unix", cfg.ProxySocket)
+			if err != nil {
+				return nil, err
+			}
+			_ = c.SetDeadline(time.Now().Add(timeout))
+			return c, nil
+		}
 	}
 	bootCtx, cancel := context.WithTimeout(ctx, 4*timeout)
 	defer cancel()
@@ -206,7 +219,7 @@ func run(ctx context.Context, cfg Config, em *emitter) (Outcome, error) {
 			return "", osFail("fde-locked", err)
 		}
 	}
-	w := &guestos.Workload{TPM: tpm, Vars: vars, FDE: fde}
+	w := &guestos.Workload{TPM: tpm, Vars: vars, FDE: fde, DataDevice: cfg.DataDevice}
 	outcome := PowerOff
 	for _, a := range cfg.Actions {
 		if a.Name == "reboot" {

@@ -34,6 +34,8 @@ const ActionHelp = `Workload actions (--then, comma-separated, run in order afte
   nv-write=TEXT     write TEXT (at most 64 bytes) to the NV data index 0x01500021
   uefi-set=FILE     SetVariable with a prepared update (JSON: guid, name, attributes, payload)
   uefi-get=NAME     report a variable (PK, KEK, db, dbx or GUID/NAME): size, SHA-256, entries
+  data-write=TEXT   write TEXT as the record on the unlocked data disk (QEMU backend: dm-crypt)
+  data-read         report the record on the unlocked data disk
   fde-reseal        re-seal the LUKS key to the current PCRs (needs the recovery passphrase)
   wait=DURATION     stay up for DURATION (Go syntax, at most 10m), e.g. while the host acts
   reboot            shut down cleanly and report a reboot request (must be last)
@@ -42,7 +44,7 @@ const ActionHelp = `Workload actions (--then, comma-separated, run in order afte
 // Action is one workload step.
 type Action struct{ Name, Arg string }
 
-var actionArgs = map[string]bool{"nv-increment": false, "nv-read": false, "nv-write": true, "uefi-set": true, "uefi-get": true,
+var actionArgs = map[string]bool{"nv-increment": false, "nv-read": false, "nv-write": true, "uefi-set": true, "uefi-get": true, "data-write": true, "data-read": false,
 	"fde-reseal": false, "wait": true, "reboot": false, "poweroff": false}
 
 // ParseActions parses the --then list.
@@ -97,6 +99,8 @@ type Workload struct {
 	TPM  io.ReadWriter
 	Vars Variables
 	FDE  *FDE // nil without a data disk
+	// DataDevice is the opened dm-crypt device; empty when the key was only verified.
+	DataDevice string
 }
 
 // Run performs one action and returns the fields of its result event. Terminal actions
@@ -171,6 +175,21 @@ func (w *Workload) Run(ctx context.Context, a Action) (map[string]any, error) {
 			res["entries"] = len(sigs)
 		}
 		return res, nil
+	case "data-write", "data-read":
+		if w.DataDevice == "" {
+			return nil, errors.New(a.Name + ": no unlocked data device (the process backend only verifies the LUKS key; dm-crypt runs in the QEMU backend)")
+		}
+		if a.Name == "data-write" {
+			if err := WriteRecord(w.DataDevice, []byte(a.Arg)); err != nil {
+				return nil, err
+			}
+			return map[string]any{"data": a.Arg}, nil
+		}
+		rec, err := ReadRecord(w.DataDevice)
+		if err != nil {
+			return nil, err
+		}
+		return map[string]any{"data": string(rec)}, nil
 	case "fde-reseal":
 		if w.FDE == nil {
 			return nil, errors.New("fde-reseal: no data disk")

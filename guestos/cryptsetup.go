@@ -44,7 +44,7 @@ func (c Cryptsetup) run(ctx context.Context, stdin []byte, extra []byte, args ..
 	cmd := exec.CommandContext(ctx, path, args...)
 	cmd.Stdin = bytes.NewReader(stdin)
 	if extra != nil {
-		// A second secret goes in on fd 3 as /dev/fd/3.
+		// A second secret goes in on fd 3, named /proc/self/fd/3 (no /dev/fd without udev).
 		r, w, err := os.Pipe()
 		if err != nil {
 			return nil, err
@@ -94,7 +94,7 @@ func (c Cryptsetup) AddKey(ctx context.Context, dev string, existing, newPass []
 		return 0, err
 	}
 	if _, err := c.run(ctx, existing, newPass, "luksAddKey", "--batch-mode", "--key-file=-",
-		"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", dev, "/dev/fd/3"); err != nil {
+		"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", dev, "/proc/self/fd/3"); err != nil {
 		return 0, err
 	}
 	after, err := c.Dump(ctx, dev)

@@ -254,7 +254,7 @@ func (h *Host) startProxy(ctx context.Context) error {
 	h.ProxySocket = h.RunPath("proxy.sock")
 	addrFile := h.path("run", "proxy.addr")
 	p, _, err := h.launch(ctx, "svsm-proxy", h.opts.Binaries.Proxy,
-		[]string{"--listen-unix", h.ProxySocket, "--addr-file", addrFile, "--verifier-url", h.VerifierURL, "--step-timeout", "30s"}, addrFile)
+		[]string{"--listen-unix", h.ProxySocket, "--addr-file", addrFile, "--verifier-url", h.VerifierURL, "--step-timeout", "30s", "--persistent"}, addrFile)
 	h.Proxy = p
 	return err
 }

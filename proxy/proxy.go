@@ -34,6 +34,12 @@ type Options struct {
 	StepTimeout time.Duration
 	// MaxConns bounds concurrent guest connections (default 256).
 	MaxConns int
+	// Persistent serves any number of sessions, one after another, on one connection: a
+	// serial port wired to a unix socket stays open for the VM's life, while the guest runs
+	// an attestation and then confirmations. Without it, the proxy reads until the guest
+	// closes after one session, as upstream aproxy does. Between sessions the connection may
+	// stay idle without limit; within a session every step is bounded.
+	Persistent bool
 	Logger   *slog.Logger
 }
 
@@ -147,9 +153,33 @@ func (c *conn) write(v any) error {
 
 // ServeConn runs one guest connection to completion.
 func (p *Proxy) ServeConn(ctx context.Context, rw net.Conn) error {
-	jar, _ := cookiejar.New(nil) // one jar per guest connection: sessions never mix
+	for first := true; ; first = false {
+		err := p.serveSession(ctx, rw, first)
+		if errors.Is(err, errIdleClose) {
+			return nil
+		}
+		if err != nil || !p.opts.Persistent {
+			return err
+		}
+	}
+}
+
+var errIdleClose = errors.New("connection closed between sessions")
+
+func (p *Proxy) serveSession(ctx context.Context, rw net.Conn, first bool) error {
+	jar, _ := cookiejar.New(nil) // one jar per session: sessions never mix
 	c := &conn{p: p, rw: rw, http: &http.Client{Jar: jar, Timeout: p.opts.StepTimeout}}
-	body, err := c.read()
+	var body []byte
+	var err error
+	if first || !p.opts.Persistent {
+		body, err = c.read()
+	} else {
+		_ = rw.SetReadDeadline(time.Time{}) // idle between sessions: the VM decides when
+		body, err = protocol.ReadFrame(rw, protocol.MaxFrameSize)
+		if errors.Is(err, io.EOF) {
+			return errIdleClose // the VM went away between sessions: a normal end
+		}
+	}
 	if err != nil {
 		p.Stats.BadInput.Add(1)
 		return fmt.Errorf("read negotiation request: %w", err)
@@ -216,6 +246,9 @@ func (c *conn) refuse() {
 
 // drain reads until the guest closes, as upstream does, bounded by the step timeout.
 func (c *conn) drain() error {
+	if c.p.opts.Persistent {
+		return nil // the next session follows on the same connection
+	}
 	_ = c.rw.SetReadDeadline(time.Now().Add(c.p.opts.StepTimeout))
 	_, _ = io.Copy(io.Discard, io.LimitReader(c.rw, protocol.MaxFrameSize))
 	return nil

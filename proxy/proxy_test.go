@@ -69,6 +69,12 @@ func runGuest(t *testing.T, sock string) (*protocol.NegotiationResponse, *protoc
 		t.Fatal(err)
 	}
 	defer c.Close()
+	return runSession(t, c)
+}
+
+// runSession plays one attestation session on an open connection.
+func runSession(t *testing.T, c net.Conn) (*protocol.NegotiationResponse, *protocol.AttestationResponse) {
+	t.Helper()
 	c.SetDeadline(time.Now().Add(10 * time.Second))
 	b, _ := json.Marshal(protocol.NegotiationRequest{Version: protocol.VersionAttest, Tee: protocol.TeeSNP})
 	protocol.WriteFrame(c, b)
@@ -154,5 +160,35 @@ func TestProxyOptions(t *testing.T) {
 	}
 	if _, err := New(Options{VerifierURL: "http://x", ResourcePath: "a/b"}); err == nil {
 		t.Error("two-part resource path accepted")
+	}
+}
+
+func TestProxyPersistentSessions(t *testing.T) {
+	kbs := &fakeKBS{}
+	srv := httptest.NewServer(kbs.handler())
+	defer srv.Close()
+	p, err := New(Options{VerifierURL: srv.URL, StepTimeout: 5 * time.Second, Persistent: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := net.Pipe()
+	done := make(chan error, 1)
+	go func() { done <- p.ServeConn(context.Background(), b) }()
+	for i := 1; i <= 3; i++ {
+		neg, resp := runSession(t, a)
+		if string(neg.Challenge) != fmt.Sprintf("nonce-%d", i) || !resp.Success {
+			t.Fatalf("session %d: %+v %+v", i, neg, resp)
+		}
+	}
+	a.Close()
+	if err := <-done; err != nil {
+		t.Fatalf("close between sessions is a normal end: %v", err)
+	}
+	kbs.mu.Lock()
+	defer kbs.mu.Unlock()
+	for i, c := range kbs.authCookies {
+		if c != "" {
+			t.Errorf("session %d reused cookie %q: each session needs a fresh KBS session", i+1, c)
+		}
 	}
 }

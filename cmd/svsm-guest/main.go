@@ -26,6 +26,9 @@ const (
 )
 
 func main() {
+	if os.Getpid() == 1 {
+		guest.RunInit() // the /init of a QEMU guest: settings come from the config disk
+	}
 	root := &cobra.Command{
 		Use:          "svsm-guest",
 		Short:        "Simulated SVSM guest: attestation, encrypted state, vTPM, UEFI variables, measured boot, FDE",

@@ -68,6 +68,7 @@ func main() {
 	f.StringVar(&opts.VerifierURL, "verifier-url", "", "KBS base URL of the verifier (required)")
 	f.StringVar(&opts.ResourcePath, "resource-path", "default/sample/test", "repository/type/tag of the secret")
 	f.DurationVar(&opts.StepTimeout, "step-timeout", 60*time.Second, "bound on each guest read and each verifier round trip")
+	f.BoolVar(&opts.Persistent, "persistent", false, "serve session after session on one connection (serial ports wired to unix sockets)")
 	f.IntVar(&opts.MaxConns, "max-conns", 256, "maximum concurrent guest connections")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")

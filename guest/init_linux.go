@@ -1,0 +1,229 @@
+package guest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/svsm-e2e/svsm-e2e/guestos"
+)
+
+// Names the host gives the VM's devices.
+const (
+	PortProxy    = "svsm.proxy" // virtio-serial port: §1 channel (to svsm-proxy)
+	PortSNP      = "svsm.snp"   // virtio-serial port: §4 channel (to fakesnp)
+	SerialState  = "svsm-state" // virtio-blk serials
+	SerialData   = "svsm-data"
+	SerialConfig = "svsm-config"
+	// ModuleList is the initramfs's module load order (images.ModuleListPath).
+	ModuleList = "/etc/svsm-e2e/modules"
+)
+
+// RunInit is svsm-guest as a VM's /init: mount the pseudo filesystems, load modules, find the
+// channels and disks, boot once as Run does, and reset the machine (QEMU runs with
+// -no-reboot, so the reset ends the VM; the last event says whether it was a reboot).
+func RunInit() {
+	out := os.Stdout
+	err := initAndRun(out)
+	if err != nil {
+		fmt.Fprintf(out, "svsm-guest init: %v\n", err)
+	}
+	unix.Sync()
+	_ = unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART)
+	select {} // PID 1 must not exit
+}
+
+func initAndRun(out io.Writer) error {
+	for _, m := range []struct{ src, dst, fstype string }{
+		{"devtmpfs", "/dev", "devtmpfs"}, {"proc", "/proc", "proc"}, {"sysfs", "/sys", "sysfs"},
+		{"tmpfs", "/run", "tmpfs"}, {"tmpfs", "/tmp", "tmpfs"},
+	} {
+		if err := unix.Mount(m.src, m.dst, m.fstype, 0, ""); err != nil && !errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("mount %s: %w", m.dst, err)
+		}
+	}
+	os.Setenv("PATH", "/usr/sbin:/usr/bin:/sbin:/bin") // before any os/exec (cryptsetup)
+	if err := loadModules(); err != nil {
+		return err
+	}
+	proxyPort, err := waitPort(PortProxy)
+	if err != nil {
+		return err
+	}
+	snpPort, err := waitPort(PortSNP)
+	if err != nil {
+		return err
+	}
+	cfgDev, err := waitDisk(SerialConfig)
+	if err != nil {
+		return err
+	}
+	state, err := waitDisk(SerialState)
+	if err != nil {
+		return err
+	}
+	f, err := os.Open(cfgDev)
+	if err != nil {
+		return err
+	}
+	bc, err := ReadConfigDisk(f)
+	f.Close()
+	if err != nil {
+		return err
+	}
+	cfg := Config{StateDisk: state, Out: out, Kernel: "/init", OpenLUKS: true, CrashAfter: bc.CrashAfter,
+		RecoveryPassphrase: bc.Recovery, AttestTimeout: time.Duration(bc.AttestMillis) * time.Millisecond}
+	if b, err := os.ReadFile("/proc/cmdline"); err == nil {
+		cfg.Cmdline = strings.TrimSpace(string(b))
+	}
+	if bc.DataDisk {
+		if cfg.DataDisk, err = waitDisk(SerialData); err != nil {
+			return err
+		}
+		cfg.DataDevice = "/dev/mapper/svsm-data"
+	}
+	dir := "/run/svsm-e2e/files"
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	for name, data := range bc.Files {
+		if strings.ContainsAny(name, "/\x00") || name == "" || name == "." || name == ".." {
+			return fmt.Errorf("config file name %q", name)
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
+			return err
+		}
+	}
+	if bc.UEFITemplate != "" {
+		cfg.UEFITemplate = filepath.Join(dir, bc.UEFITemplate)
+	}
+	var actions []string
+	for _, a := range bc.Actions {
+		if name, file, ok := strings.Cut(a, "="); ok && name == "uefi-set" {
+			a = name + "=" + filepath.Join(dir, file)
+		}
+		actions = append(actions, a)
+	}
+	if cfg.Actions, err = guestos.ParseActions(strings.Join(actions, ",")); err != nil {
+		return err
+	}
+	proxy, err := os.OpenFile(proxyPort, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	snp, err := os.OpenFile(snpPort, os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	cfg.SNP = snp
+	// One serial stream for every session (the proxy runs with --persistent).
+	cfg.ProxyDial = func(context.Context) (io.ReadWriteCloser, error) { return keepOpen{proxy}, nil }
+	_, err = Run(context.Background(), cfg)
+	if err != nil {
+		return nil // already reported as the "failed" event
+	}
+	return nil
+}
+
+type keepOpen struct{ *os.File }
+
+func (keepOpen) Close() error { return nil }
+
+// loadModules loads the initramfs's modules in order, passing each the "module.param=value"
+// settings of the kernel command line as modprobe would (QEMU's microvm describes its
+// virtio-mmio devices as virtio_mmio.device=... there).
+func loadModules() error {
+	b, err := os.ReadFile(ModuleList)
+	if err != nil {
+		return fmt.Errorf("module list: %w", err)
+	}
+	cmdline, _ := os.ReadFile("/proc/cmdline")
+	for _, name := range strings.Fields(string(b)) {
+		var params []string
+		for _, arg := range strings.Fields(string(cmdline)) {
+			if mod, kv, ok := strings.Cut(arg, "."); ok && strings.ReplaceAll(mod, "-", "_") == name && strings.Contains(kv, "=") {
+				params = append(params, kv)
+			}
+		}
+		f, err := os.Open("/lib/modules/" + name + ".ko")
+		if err != nil {
+			return err
+		}
+		err = unix.FinitModule(int(f.Fd()), strings.Join(params, " "), 0)
+		f.Close()
+		if err != nil && !errors.Is(err, unix.EEXIST) {
+			return fmt.Errorf("load module %s: %w", name, err)
+		}
+	}
+	return nil
+}
+
+// deviceWait bounds how long the guest waits for a device to appear.
+const deviceWait = 20 * time.Second
+
+func waitPort(name string) (string, error) {
+	deadline := time.Now().Add(deviceWait)
+	for {
+		ports, _ := filepath.Glob("/sys/class/virtio-ports/*/name")
+		for _, p := range ports {
+			if b, err := os.ReadFile(p); err == nil && strings.TrimSpace(string(b)) == name {
+				dev := "/dev/" + filepath.Base(filepath.Dir(p))
+				if _, err := os.Stat(dev); err == nil {
+					return dev, nil
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("virtio-serial port %q did not appear within %s (%s)", name, deviceWait, inventory())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func waitDisk(serial string) (string, error) {
+	deadline := time.Now().Add(deviceWait)
+	for {
+		disks, _ := filepath.Glob("/sys/block/*/serial")
+		for _, p := range disks {
+			if b, err := os.ReadFile(p); err == nil && strings.TrimSpace(string(b)) == serial {
+				dev := "/dev/" + filepath.Base(filepath.Dir(p))
+				if _, err := os.Stat(dev); err == nil {
+					return dev, nil
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("disk with serial %q did not appear within %s (%s)", serial, deviceWait, inventory())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// inventory describes the devices the guest sees, for a failure message.
+func inventory() string {
+	var parts []string
+	for _, g := range []string{"/sys/class/virtio-ports/*/name", "/sys/block/*/serial", "/sys/bus/virtio/devices/*/device"} {
+		files, _ := filepath.Glob(g)
+		for _, f := range files {
+			b, _ := os.ReadFile(f)
+			parts = append(parts, f+"="+strings.TrimSpace(string(b)))
+		}
+	}
+	if b, err := os.ReadFile("/proc/cmdline"); err == nil {
+		parts = append(parts, "cmdline:"+strings.TrimSpace(string(b)))
+	}
+	mods, _ := os.ReadFile("/proc/modules")
+	for _, l := range strings.Split(string(mods), "\n") {
+		if f := strings.Fields(l); len(f) > 0 {
+			parts = append(parts, "mod:"+f[0])
+		}
+	}
+	return strings.Join(parts, " ")
+}
