@@ -33,8 +33,8 @@ type Config struct {
 	// DataDevice is the unlocked data disk (/dev/mapper/...) for the data-* actions; empty
 	// when the disk is only verified (process backend).
 	DataDevice string
-	StateDisk   string
-	DataDisk    string // LUKS2 image; empty for none
+	StateDisk  string
+	DataDisk   string // LUKS2 image; empty for none
 	// RecoveryPassphrase is what a user at the console would type; nil for nobody.
 	RecoveryPassphrase []byte
 	Kernel             string // boot component files; Kernel defaults to this executable

@@ -40,7 +40,7 @@ type Options struct {
 	// closes after one session, as upstream aproxy does. Between sessions the connection may
 	// stay idle without limit; within a session every step is bounded.
 	Persistent bool
-	Logger   *slog.Logger
+	Logger     *slog.Logger
 }
 
 // Stats counts what the proxy saw; the harness asserts on them.
