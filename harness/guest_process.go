@@ -91,19 +91,147 @@ func (r *GuestRun) Action(name string, n int) (protocol.Event, bool) {
 	return protocol.Event{}, false
 }
 
-// GuestProcess is a running svsm-guest (the process backend's instance of a VM).
-type GuestProcess struct {
-	cmd     *exec.Cmd
-	timeout time.Duration
-	cancel  context.CancelFunc
-	ctx     context.Context
-	done    chan struct{}
+// eventStream collects a guest console's lines and events, for any backend.
+type eventStream struct {
+	done chan struct{} // closed when the boot is over (the instance's owner closes it)
 
 	mu       sync.Mutex
-	changed  chan struct{} // closed and replaced whenever an event arrives or the guest exits
+	changed  chan struct{} // closed and replaced whenever an event arrives or the boot ends
 	run      GuestRun
+	out      strings.Builder
 	parseErr error
 	waitErr  error
+}
+
+func newEventStream() *eventStream {
+	return &eventStream{done: make(chan struct{}), changed: make(chan struct{})}
+}
+
+// feed reads console lines from r until EOF, echoing them to console and calling onEvent
+// for each event as it arrives.
+func (s *eventStream) feed(r io.Reader, console io.Writer, onEvent func(protocol.Event)) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 0, 64<<10), protocol.MaxEventLine)
+	for sc.Scan() {
+		line := sc.Text()
+		fmt.Fprintln(console, line)
+		ev, ok, perr := protocol.ParseEventLine(line)
+		s.mu.Lock()
+		s.out.WriteString(line + "\n")
+		if perr != nil && s.parseErr == nil {
+			s.parseErr = perr
+		}
+		if ok && perr == nil {
+			s.run.Events = append(s.run.Events, ev)
+		}
+		s.notifyLocked()
+		s.mu.Unlock()
+		if ok && perr == nil && onEvent != nil {
+			onEvent(ev)
+		}
+	}
+	if err := sc.Err(); err != nil {
+		s.mu.Lock()
+		if s.parseErr == nil {
+			s.parseErr = fmt.Errorf("guest console: %w", err)
+		}
+		s.mu.Unlock()
+		_, _ = io.Copy(io.Discard, r) // keep the guest from blocking on a full pipe
+	}
+}
+
+// finish records how the boot ended and wakes every waiter.
+func (s *eventStream) finish(exitCode int, stderr string, waitErr error) {
+	s.mu.Lock()
+	s.run.Stdout, s.run.Stderr, s.run.ExitCode = s.out.String(), stderr, exitCode
+	s.waitErr = waitErr
+	s.notifyLocked()
+	s.mu.Unlock()
+	close(s.done)
+}
+
+func (s *eventStream) notifyLocked() {
+	close(s.changed)
+	s.changed = make(chan struct{})
+}
+
+// Events returns the events so far.
+func (s *eventStream) Events() []protocol.Event {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]protocol.Event(nil), s.run.Events...)
+}
+
+// WaitForEvent waits up to timeout for the first event, from the start of the boot, that
+// match accepts. It fails when the boot ends or the time is up without one.
+func (s *eventStream) WaitForEvent(ctx context.Context, timeout time.Duration, match func(protocol.Event) bool) (protocol.Event, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	seen := 0
+	for {
+		s.mu.Lock()
+		evs, changed := s.run.Events, s.changed
+		s.mu.Unlock()
+		exited := s.isDone()
+		for ; seen < len(evs); seen++ {
+			if match(evs[seen]) {
+				return evs[seen], nil
+			}
+		}
+		if exited {
+			return protocol.Event{}, fmt.Errorf("guest exited without the awaited event (last: %+v)", last(evs))
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return protocol.Event{}, fmt.Errorf("no awaited event within %s (last: %+v): %w", timeout, last(evs), ctx.Err())
+		}
+	}
+}
+
+func (s *eventStream) isDone() bool {
+	select {
+	case <-s.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func last(evs []protocol.Event) protocol.Event {
+	if len(evs) == 0 {
+		return protocol.Event{}
+	}
+	return evs[len(evs)-1]
+}
+
+// result waits for the end (killing the guest via kill if ctx ends first) and returns what
+// the guest printed. A non-zero exit is not an error (failing closed is an outcome); a
+// malformed event line or a timeout is.
+func (s *eventStream) result(ctx context.Context, kill func()) (*GuestRun, error) {
+	select {
+	case <-s.done:
+	case <-ctx.Done():
+		kill()
+		<-s.done
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	run := s.run
+	run.Events = append([]protocol.Event(nil), s.run.Events...)
+	if s.waitErr != nil {
+		return &run, s.waitErr
+	}
+	if ctx.Err() != nil {
+		return &run, ctx.Err()
+	}
+	return &run, s.parseErr
+}
+
+// GuestProcess is a running svsm-guest (the process backend's instance of a VM).
+type GuestProcess struct {
+	*eventStream
+	cmd *exec.Cmd
 }
 
 // StartGuest starts svsm-guest and streams its events. The process is killed after
@@ -134,7 +262,7 @@ func StartGuest(ctx context.Context, bin string, o GuestOptions) (*GuestProcess,
 	ctx, cancel := context.WithTimeout(ctx, o.Timeout)
 	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	g := &GuestProcess{cmd: cmd, timeout: o.Timeout, cancel: cancel, ctx: ctx, done: make(chan struct{}), changed: make(chan struct{})}
+	g := &GuestProcess{eventStream: newEventStream(), cmd: cmd}
 	console := o.Console
 	if console == nil {
 		console = io.Discard
@@ -152,58 +280,23 @@ func StartGuest(ctx context.Context, bin string, o GuestOptions) (*GuestProcess,
 		return nil, fmt.Errorf("start svsm-guest: %w", err)
 	}
 	go func() {
-		var out strings.Builder
-		sc := bufio.NewScanner(stdout)
-		sc.Buffer(make([]byte, 0, 64<<10), protocol.MaxEventLine)
-		for sc.Scan() {
-			line := sc.Text()
-			out.WriteString(line + "\n")
-			fmt.Fprintln(console, line)
-			ev, ok, perr := protocol.ParseEventLine(line)
-			g.mu.Lock()
-			if perr != nil && g.parseErr == nil {
-				g.parseErr = perr
-			}
-			if ok && perr == nil {
-				g.run.Events = append(g.run.Events, ev)
-			}
-			g.notifyLocked()
-			g.mu.Unlock()
-			if ok && perr == nil && o.OnEvent != nil {
-				o.OnEvent(ev)
-			}
-		}
-		if err := sc.Err(); err != nil {
-			g.mu.Lock()
-			if g.parseErr == nil {
-				g.parseErr = fmt.Errorf("guest console: %w", err)
-			}
-			g.mu.Unlock()
-			_, _ = io.Copy(io.Discard, stdout) // keep the guest from blocking on a full pipe
-		}
+		g.feed(stdout, console, o.OnEvent)
 		werr := cmd.Wait()
-		g.mu.Lock()
-		g.run.Stdout, g.run.Stderr = out.String(), stderr.String()
+		code := 0
+		var waitErr error
 		var ee *exec.ExitError
 		switch {
 		case ctx.Err() != nil && !errors.Is(ctx.Err(), context.Canceled):
-			g.waitErr = fmt.Errorf("svsm-guest did not finish within %s: %w", o.Timeout, ctx.Err())
+			waitErr = fmt.Errorf("svsm-guest did not finish within %s: %w", o.Timeout, ctx.Err())
 		case errors.As(werr, &ee):
-			g.run.ExitCode = ee.ExitCode()
+			code = ee.ExitCode()
 		case werr != nil:
-			g.waitErr = fmt.Errorf("run svsm-guest: %w", werr)
+			waitErr = fmt.Errorf("run svsm-guest: %w", werr)
 		}
-		g.notifyLocked()
-		g.mu.Unlock()
 		cancel()
-		close(g.done)
+		g.finish(code, stderr.String(), waitErr)
 	}()
 	return g, nil
-}
-
-func (g *GuestProcess) notifyLocked() {
-	close(g.changed)
-	g.changed = make(chan struct{})
 }
 
 // PID is the guest's process id.
@@ -215,75 +308,9 @@ func (g *GuestProcess) Kill() {
 	<-g.done
 }
 
-// Events returns the events so far.
-func (g *GuestProcess) Events() []protocol.Event {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return append([]protocol.Event(nil), g.run.Events...)
-}
-
-// WaitForEvent waits up to timeout for the first event, from the start of the boot, that
-// match accepts. It fails when the guest exits or the time is up without one.
-func (g *GuestProcess) WaitForEvent(ctx context.Context, timeout time.Duration, match func(protocol.Event) bool) (protocol.Event, error) {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	seen := 0
-	for {
-		g.mu.Lock()
-		evs, changed := g.run.Events, g.changed
-		exited := g.isDone()
-		g.mu.Unlock()
-		for ; seen < len(evs); seen++ {
-			if match(evs[seen]) {
-				return evs[seen], nil
-			}
-		}
-		if exited {
-			return protocol.Event{}, fmt.Errorf("guest exited without the awaited event (last: %+v)", last(evs))
-		}
-		select {
-		case <-changed:
-		case <-ctx.Done():
-			return protocol.Event{}, fmt.Errorf("no awaited event within %s (last: %+v): %w", timeout, last(evs), ctx.Err())
-		}
-	}
-}
-
-func (g *GuestProcess) isDone() bool {
-	select {
-	case <-g.done:
-		return true
-	default:
-		return false
-	}
-}
-
-func last(evs []protocol.Event) protocol.Event {
-	if len(evs) == 0 {
-		return protocol.Event{}
-	}
-	return evs[len(evs)-1]
-}
-
-// Wait waits for the guest to exit and returns what it printed. A non-zero exit is not an
-// error (failing closed is an outcome); a malformed event line or a timeout is.
+// Wait waits for the guest to exit and returns what it printed.
 func (g *GuestProcess) Wait(ctx context.Context) (*GuestRun, error) {
-	select {
-	case <-g.done:
-	case <-ctx.Done():
-		g.Kill()
-	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	run := g.run
-	run.Events = append([]protocol.Event(nil), g.run.Events...)
-	if g.waitErr != nil {
-		return &run, g.waitErr
-	}
-	if ctx.Err() != nil {
-		return &run, ctx.Err()
-	}
-	return &run, g.parseErr
+	return g.result(ctx, g.Kill)
 }
 
 // RunGuest runs svsm-guest once to the end.

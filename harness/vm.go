@@ -25,7 +25,7 @@ type VMOptions struct {
 	WriteThrough bool
 	// Spec overrides verifier policy fields of the registration.
 	Spec verifier.VMSpec
-	// DataDiskMiB is the LUKS2 data disk's size (default 16; -1 for none).
+	// DataDiskMiB is the LUKS2 data disk's size (default 32: 16 MiB of LUKS2 header plus data; -1 for none).
 	DataDiskMiB int
 	// DefaultKDF formats the data disk with cryptsetup's argon2id defaults instead of the
 	// fast PBKDF2 test setting.
@@ -100,7 +100,7 @@ func (s *Stack) NewVM(ctx context.Context, o VMOptions) (*VM, error) {
 	}
 	if o.DataDiskMiB >= 0 {
 		if o.DataDiskMiB == 0 {
-			o.DataDiskMiB = 16
+			o.DataDiskMiB = 32
 		}
 		v.DataDisk = filepath.Join(v.Dir, "data.img")
 		if err := NewDataDisk(ctx, v.DataDisk, o.DataDiskMiB, v.Recovery, o.DefaultKDF); err != nil {

@@ -13,7 +13,6 @@ import (
 	"fmt"
 	"hash/fnv"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"testing"
@@ -35,19 +34,32 @@ func TestScenarios(t *testing.T) {
 type shared struct {
 	BinDir string `json:"bin_dir"`
 	CADir  string `json:"ca_dir"`
+	// QEMU is empty when no backend:qemu spec will run; else the image cache, built.
+	QEMUImages string `json:"qemu_images"`
 }
 
 var suite shared
+
+// qemuBackend is this process's QEMU backend (nil until a backend:qemu spec needs it).
+var qemuBackend *harness.QEMUBackend
 
 var _ = SynchronizedBeforeSuite(func() []byte {
 	s := shared{BinDir: os.Getenv("SVSM_E2E_BIN")}
 	if s.BinDir == "" {
 		dir, err := os.MkdirTemp("", "svsm-e2e-suite-bin-")
 		Expect(err).NotTo(HaveOccurred())
-		out, err := exec.Command("go", "build", "-o", dir+"/", "../cmd/fakesnp", "../cmd/svsm-verifier",
-			"../cmd/svsm-proxy", "../cmd/svsm-guest").CombinedOutput()
-		Expect(err).NotTo(HaveOccurred(), "build binaries:\n%s", out)
+		_, err = harness.BuildBinaries(context.Background(), "..", dir)
+		Expect(err).NotTo(HaveOccurred())
 		s.BinDir = dir
+	}
+	if wantQEMU() {
+		// Build the guest image once, before the parallel processes look for it.
+		bins, err := harness.FindBinaries(s.BinDir)
+		Expect(err).NotTo(HaveOccurred())
+		s.QEMUImages = harness.DefaultImageCache()
+		b, err := harness.NewQEMUBackend(context.Background(), harness.QEMUOptions{Guest: bins.Guest, ImageCache: s.QEMUImages})
+		Expect(err).NotTo(HaveOccurred(), "the QEMU backend is needed by backend:qemu specs")
+		fmt.Fprintf(GinkgoWriter, "qemu backend: %s\n", b.Choice.Reason)
 	}
 	ca, err := os.MkdirTemp("", "svsm-e2e-suite-ca-")
 	Expect(err).NotTo(HaveOccurred())
@@ -80,7 +92,35 @@ func artifactsRoot() string {
 
 // newStack starts a stack for the current spec. Its directory is the artifact bundle: kept
 // and reported when the spec fails (or SVSM_E2E_KEEP=1), removed otherwise.
+// wantQEMU reports whether the label filter lets backend:qemu specs run.
+func wantQEMU() bool {
+	f := GinkgoLabelFilter()
+	if f == "" {
+		return true
+	}
+	return Label("backend:qemu").MatchesLabelFilter(f)
+}
+
+// newQEMUStack is newStack with VMs booted by QEMU.
+func newQEMUStack() *harness.Stack {
+	GinkgoHelper()
+	if qemuBackend == nil {
+		bins, err := harness.FindBinaries(suite.BinDir)
+		Expect(err).NotTo(HaveOccurred())
+		Expect(suite.QEMUImages).NotTo(BeEmpty(), "the suite did not prepare the QEMU image")
+		qemuBackend, err = harness.NewQEMUBackend(ctx(), harness.QEMUOptions{Guest: bins.Guest, ImageCache: suite.QEMUImages})
+		Expect(err).NotTo(HaveOccurred())
+	}
+	AddReportEntry("qemu", qemuBackend.Choice.Reason)
+	return newStackWith(qemuBackend)
+}
+
 func newStack() *harness.Stack {
+	GinkgoHelper()
+	return newStackWith(nil)
+}
+
+func newStackWith(backend harness.Backend) *harness.Stack {
 	GinkgoHelper()
 	report := CurrentSpecReport()
 	h := fnv.New64a()
@@ -97,7 +137,7 @@ func newStack() *harness.Stack {
 	Expect(err).NotTo(HaveOccurred())
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	s, err := harness.NewStack(ctx, harness.StackOptions{WorkDir: dir, Binaries: bins, CADir: suite.CADir, Seed: seed})
+	s, err := harness.NewStack(ctx, harness.StackOptions{WorkDir: dir, Binaries: bins, CADir: suite.CADir, Seed: seed, Backend: backend})
 	Expect(err).NotTo(HaveOccurred())
 	AddReportEntry("seed", seed)
 	DeferCleanup(func() {

@@ -1,0 +1,160 @@
+// Package qemu turns typed machine profiles into QEMU command lines, probes what the local
+// QEMU and KVM can do, and runs QEMU with a QMP monitor and bounded waits.
+package qemu
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+)
+
+// Profile is a machine shape.
+type Profile string
+
+// Profiles (ARCHITECTURE.md "Backends").
+const (
+	// Microvm: virtio-mmio transport, as the SVSM state device uses. The default on stock QEMU.
+	Microvm Profile = "microvm"
+	// Q35: virtio-pci, for QEMUs or kernels without virtio-mmio.
+	Q35 Profile = "q35"
+	// Coconut: q35 with igvm-cfg, x-svsm-virtio-mmio=on and sev-snp-guest, for the COCONUT
+	// QEMU fork on SEV-SNP hosts with a user-supplied IGVM.
+	Coconut Profile = "coconut"
+)
+
+// Accel is the accelerator.
+type Accel string
+
+// Accelerators.
+const (
+	TCG Accel = "tcg"
+	KVM Accel = "kvm"
+)
+
+// Disk is a raw image on virtio-blk; the guest finds it by Serial.
+type Disk struct {
+	ID, Path, Serial string
+	ReadOnly         bool
+	// SVSM marks the disk for the SVSM's own virtio-mmio slot (coconut profile).
+	SVSM bool
+}
+
+// Port is a virtio-serial port named Name whose other end is the unix socket Socket, which
+// the host already listens on (QEMU connects as the client: no race, no lost bytes).
+type Port struct {
+	Name, Socket string
+}
+
+// Machine describes one QEMU run.
+type Machine struct {
+	Profile   Profile
+	Accel     Accel
+	MemoryMiB int // default 512
+	CPUs      int // default 1
+	Kernel    string
+	Initrd    string
+	Cmdline   string
+	IGVM      string // coconut only
+	Console   string // unix socket for ttyS0 (the host listens)
+	QMP       string // unix socket QEMU listens on for QMP
+	Disks     []Disk
+	Ports     []Port
+	RNG       bool
+}
+
+var idRE = strings.NewReplacer(",", "", "=", "")
+
+// Args returns QEMU's arguments (without the binary). The guest resets instead of halting
+// (-no-reboot ends QEMU then), so every boot is one QEMU process.
+func (m *Machine) Args() ([]string, error) {
+	if m.Kernel == "" && m.Profile != Coconut {
+		return nil, errors.New("qemu: Kernel is required")
+	}
+	if m.Profile == Coconut && m.IGVM == "" {
+		return nil, errors.New("qemu: the coconut profile needs an IGVM file")
+	}
+	for _, s := range []string{m.Kernel, m.Initrd, m.IGVM, m.Console, m.QMP} {
+		if strings.ContainsAny(s, ",\n") {
+			return nil, fmt.Errorf("qemu: path %q contains a comma or newline", s)
+		}
+	}
+	mem, cpus := m.MemoryMiB, m.CPUs
+	if mem == 0 {
+		mem = 512
+	}
+	if cpus == 0 {
+		cpus = 1
+	}
+	args := []string{"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		"-m", strconv.Itoa(mem), "-smp", strconv.Itoa(cpus)}
+	switch m.Accel {
+	case TCG, "":
+		args = append(args, "-accel", "tcg", "-cpu", "max")
+	case KVM:
+		args = append(args, "-accel", "kvm", "-cpu", "host")
+	default:
+		return nil, fmt.Errorf("qemu: unknown accelerator %q", m.Accel)
+	}
+	bus := "pci"
+	switch m.Profile {
+	case Microvm, "":
+		// ACPI describes the virtio-mmio devices to the guest's virtio_mmio module.
+		args = append(args, "-machine", "microvm,acpi=on")
+		bus = "device"
+	case Q35:
+		args = append(args, "-machine", "q35")
+	case Coconut:
+		args = append(args,
+			"-machine", "q35,confidential-guest-support=sev0,memory-backend=ram0,igvm-cfg=igvm0,x-svsm-virtio-mmio=on",
+			"-object", fmt.Sprintf("memory-backend-memfd,id=ram0,size=%dM,share=true,prealloc=false", mem),
+			"-object", "sev-snp-guest,id=sev0,cbitpos=51,reduced-phys-bits=1",
+			"-object", "igvm-cfg,id=igvm0,file="+m.IGVM)
+	default:
+		return nil, fmt.Errorf("qemu: unknown profile %q", m.Profile)
+	}
+	if m.Kernel != "" {
+		args = append(args, "-kernel", m.Kernel)
+		if m.Initrd != "" {
+			args = append(args, "-initrd", m.Initrd)
+		}
+		args = append(args, "-append", m.Cmdline)
+	}
+	if m.QMP != "" {
+		args = append(args, "-qmp", "unix:"+m.QMP+",server=on,wait=off")
+	}
+	if m.Console != "" {
+		args = append(args, "-chardev", "socket,id=console,path="+m.Console, "-serial", "chardev:console")
+	}
+	if len(m.Ports) > 0 {
+		args = append(args, "-device", "virtio-serial-"+bus+",id=vser0")
+		for i, p := range m.Ports {
+			if strings.ContainsAny(p.Socket+p.Name, ",\n") {
+				return nil, fmt.Errorf("qemu: port %q: comma or newline", p.Name)
+			}
+			id := fmt.Sprintf("port%d", i)
+			args = append(args, "-chardev", "socket,id="+id+",path="+p.Socket,
+				"-device", "virtserialport,bus=vser0.0,chardev="+id+",name="+p.Name)
+		}
+	}
+	for _, d := range m.Disks {
+		if strings.ContainsAny(d.Path+d.Serial+d.ID, ",\n") {
+			return nil, fmt.Errorf("qemu: disk %q: comma or newline", d.ID)
+		}
+		drive := "file=" + d.Path + ",format=raw,if=none,id=" + idRE.Replace(d.ID)
+		if d.ReadOnly {
+			drive += ",readonly=on"
+		} else {
+			drive += ",cache=directsync" // a completed guest write is on the host's disk
+		}
+		dev := "virtio-blk-" + bus
+		if d.SVSM && m.Profile == Coconut {
+			dev = "virtio-blk-device" // the SVSM's own virtio-mmio slot
+		}
+		args = append(args, "-drive", drive, "-device", dev+",drive="+idRE.Replace(d.ID)+",serial="+d.Serial)
+	}
+	if m.RNG {
+		args = append(args, "-device", "virtio-rng-"+bus)
+	}
+	return args, nil
+}
