@@ -5,7 +5,7 @@ BACKEND ?= process
 GO ?= go
 BIN := bin
 
-.PHONY: all deps build test scenarios fuzz bench demo vet clean
+.PHONY: all deps build test scenarios images fuzz bench demo vet clean
 
 all: build
 
@@ -55,6 +55,11 @@ bench: deps
 
 demo: deps build
 	$(BIN)/svsm-e2e demo --backend $(BACKEND) --workdir $(CURDIR)/demo-work
+
+# The QEMU guest image (kernel from apt, initramfs with the static svsm-guest as /init), in
+# $$SVSM_E2E_IMAGES or ~/.cache/svsm-e2e/images; rebuilt only when its inputs change.
+images: deps build
+	$(BIN)/svsm-e2e images
 
 clean:
 	rm -rf $(BIN) demo-work

@@ -6,10 +6,9 @@ set -euo pipefail
 # Base: cgo for the race detector and the TPM simulator (links OpenSSL's libcrypto, statically
 # for svsm-guest), and cryptsetup for the LUKS2 data disks.
 pkgs=(gcc libc6-dev libssl-dev cryptsetup-bin)
-# Extra package sets, by need.
-case "${BACKEND:-process}" in
-  qemu) pkgs+=(qemu-system-x86) ;;
-esac
+# The QEMU backend (make test runs its scenarios too): QEMU, and xz to unpack the kernel that
+# `svsm-e2e images` fetches with apt-get download.
+pkgs+=(qemu-system-x86 xz-utils)
 
 missing=()
 for p in "${pkgs[@]}"; do
@@ -25,6 +24,13 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else
   echo "install-deps: Debian packages present (${pkgs[*]})"
+fi
+# The guest image fetches the kernel package by name: the package lists must know it.
+if ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  echo "install-deps: apt-get update (package lists do not know linux-image-amd64)"
+  $sudo apt-get update -qq
 fi
 
 if ! command -v go >/dev/null 2>&1; then

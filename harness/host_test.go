@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -31,14 +30,10 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		panic(err)
 	}
-	out, err := exec.Command("go", "build", "-o", dir+"/", "../cmd/fakesnp", "../cmd/svsm-verifier", "../cmd/svsm-proxy", "../cmd/svsm-guest").CombinedOutput()
+	bins, err = harness.BuildBinaries(context.Background(), "..", dir)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "build binaries: %v\n%s", err, out)
+		fmt.Fprintf(os.Stderr, "build binaries: %v\n", err)
 		os.Exit(1)
-	}
-	bins, err = harness.FindBinaries(dir)
-	if err != nil {
-		panic(err)
 	}
 	code := m.Run()
 	os.RemoveAll(dir)
@@ -50,16 +45,22 @@ func TestMain(m *testing.M) {
 var caOnce sync.Once
 var caDir string
 
-func startHost(t testing.TB) *harness.Host {
+// sharedCA returns the fake AMD chain generated once for this test binary.
+func sharedCA(t testing.TB) string {
 	t.Helper()
-	work := t.TempDir()
 	caOnce.Do(func() {
 		caDir, _ = os.MkdirTemp("", "svsm-e2e-ca-")
 		if _, err := fakesnp.LoadOrCreateCA(fakesnp.CAOptions{Dir: caDir}); err != nil {
 			panic(err)
 		}
 	})
-	if err := os.CopyFS(filepath.Join(work, "fakesnp", "ca"), os.DirFS(caDir)); err != nil {
+	return caDir
+}
+
+func startHost(t testing.TB) *harness.Host {
+	t.Helper()
+	work := t.TempDir()
+	if err := os.CopyFS(filepath.Join(work, "fakesnp", "ca"), os.DirFS(sharedCA(t))); err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)

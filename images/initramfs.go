@@ -12,13 +12,14 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"time"
 )
 
 // GuestModules are the modules the guest loads, in this order (dependencies first, resolved
-// from .modinfo): virtio-mmio transport, block, serial ports, entropy (cryptsetup stalls
-// without it), device-mapper and dm-crypt with XTS. xts only soft-depends on ecb, so ecb is
+// from .modinfo): virtio-mmio (microvm) and virtio-pci (q35) transports, block, serial
+// ports, entropy (cryptsetup stalls without it), device-mapper and dm-crypt with XTS. xts only soft-depends on ecb, so ecb is
 // named explicitly.
-var GuestModules = []string{"virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng", "dm_mod", "dm_crypt", "ecb", "xts"}
+var GuestModules = []string{"virtio_mmio", "virtio_pci", "virtio_blk", "virtio_console", "virtio_rng", "dm_mod", "dm_crypt", "ecb", "xts"}
 
 // ModuleListPath is where the initramfs lists its modules in load order.
 const ModuleListPath = "etc/svsm-e2e/modules"
@@ -204,5 +205,16 @@ func Ensure(ctx context.Context, o Options) (*Image, error) {
 	if err := BuildInitramfs(ctx, spec, img.Initramfs); err != nil {
 		return nil, fmt.Errorf("build initramfs: %w", err)
 	}
+	pruneOld(o.Cache, img.Initramfs)
 	return img, nil
+}
+
+// pruneOld removes initramfs images of earlier inputs that nobody has touched for an hour.
+func pruneOld(cache, keep string) {
+	old, _ := filepath.Glob(filepath.Join(cache, "initramfs-*.cpio"))
+	for _, p := range old {
+		if fi, err := os.Stat(p); err == nil && p != keep && time.Since(fi.ModTime()) > time.Hour {
+			_ = os.Remove(p)
+		}
+	}
 }

@@ -42,9 +42,7 @@ func demoCmd() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			switch backend {
-			case "process":
-			case "qemu":
-				return errors.New("backend qemu: not implemented yet (the QEMU backend is tracked as its own issue); use BACKEND=process")
+			case "process", "qemu":
 			default:
 				return fmt.Errorf("--backend %q: want process or qemu", backend)
 			}
@@ -58,9 +56,9 @@ func demoCmd() *cobra.Command {
 			}
 			ctx, stop := daemon.SignalContext()
 			defer stop()
-			ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+			ctx, cancel := context.WithTimeout(ctx, 15*time.Minute)
 			defer cancel()
-			return runDemo(ctx, workdir, bins)
+			return runDemo(ctx, workdir, bins, backend)
 		},
 	}
 	cmd.Flags().StringVar(&backend, "backend", "process", "process (embedded) or qemu")
@@ -69,10 +67,24 @@ func demoCmd() *cobra.Command {
 	return cmd
 }
 
-func runDemo(ctx context.Context, workdir string, bins harness.Binaries) (err error) {
+func runDemo(ctx context.Context, workdir string, bins harness.Binaries, backendName string) (err error) {
 	d := &demo{}
-	fmt.Println("svsm-e2e demo — backend: process (every box is a real process on a real socket)")
-	fmt.Println()
+	fmt.Printf("svsm-e2e demo — backend: %s (every box is a real process on a real socket)\n\n", backendName)
+	var backend harness.Backend
+	bootActions := []string{"nv-increment"}
+	if backendName == "qemu" {
+		if err := d.step("host", "probe QEMU and build the guest image (kernel from apt, initramfs with svsm-guest as /init)", func() (string, error) {
+			q, err := harness.NewQEMUBackend(ctx, harness.QEMUOptions{Guest: bins.Guest})
+			if err != nil {
+				return "", err
+			}
+			backend = q
+			return q.Choice.Reason + "; image " + q.Image.Hash, nil
+		}); err != nil {
+			return err
+		}
+		bootActions = append(bootActions, "data-write=written through dm-crypt", "data-read")
+	}
 	var s *harness.Stack
 	defer func() {
 		if s != nil {
@@ -94,7 +106,7 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries) (err er
 	}
 	if err := d.step("host", "start fakesnp, svsm-verifier, svsm-proxy", func() (string, error) {
 		var err error
-		s, err = harness.NewStack(ctx, harness.StackOptions{WorkDir: workdir, Binaries: bins, Seed: 1,
+		s, err = harness.NewStack(ctx, harness.StackOptions{WorkDir: workdir, Binaries: bins, Seed: 1, Backend: backend,
 			Logger: daemon.Logger("demo", "text", "error")})
 		if err != nil {
 			return "", err
@@ -131,8 +143,11 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries) (err er
 			case "fde-unlocked":
 				parts = append(parts, "LUKS unlocked by "+ev.String("method"))
 			case "action":
-				if ev.String("action") == "nv-increment" {
+				switch ev.String("action") {
+				case "nv-increment":
 					parts = append(parts, fmt.Sprintf("NV counter %s", ev.Fields["nv_counter"]))
+				case "data-read":
+					parts = append(parts, fmt.Sprintf("data disk reads %q", ev.String("data")))
 				}
 			case "failed":
 				parts = append(parts, fmt.Sprintf("FAILED CLOSED at %s layer: %s", ev.Layer, ev.Reason))
@@ -151,7 +166,7 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries) (err er
 	}
 	var ek string
 	if err := d.step("guest", "boot 1 (first boot): attest, manufacture vTPM, enroll keys, seal LUKS key", func() (string, error) {
-		r, err := bootOK(vm.Boot(ctx, harness.BootOptions{Actions: []string{"nv-increment"}}))
+		r, err := bootOK(vm.Boot(ctx, harness.BootOptions{Actions: bootActions}))
 		if err != nil {
 			return "", err
 		}
@@ -168,7 +183,7 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries) (err er
 		return err
 	}
 	if err := d.step("guest", "boot 2 (reboot): restore vTPM from encrypted state, unseal LUKS key", func() (string, error) {
-		r, err := bootOK(vm.Boot(ctx, harness.BootOptions{Actions: []string{"nv-increment"}}))
+		r, err := bootOK(vm.Boot(ctx, harness.BootOptions{Actions: bootActions}))
 		if err != nil {
 			return "", err
 		}
