@@ -50,8 +50,9 @@ fuzz:
 	done
 
 # Benchmarks (speed targets live here, never in timed tests).
-bench: deps
-	$(GO) test -run '^$$' -bench . -benchtime 100x ./...
+bench: deps build
+	$(GO) test -run '^$$' -bench 'BenchmarkAttestRelease' -benchtime 100x ./harness
+	$(GO) test -run '^$$' -bench 'BenchmarkBootToUnlocked' -benchtime 3x ./harness
 
 demo: deps build
 	$(BIN)/svsm-e2e demo --backend $(BACKEND) --workdir $(CURDIR)/demo-work
