@@ -1,0 +1,154 @@
+package igvm
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+)
+
+// The launch image of svsm-guest: kernel, initrd and command line as measured page data,
+// described by a measured "launch table" page, plus a parameter area (the loader's memory
+// map), an SNP VMSA and the memory the guest needs.
+const (
+	LaunchTableGPA = 0x10000
+	CmdlineGPA     = 0x20000
+	ParamGPA       = 0x7000
+	KernelGPA      = 0x1000000      // 16 MiB
+	VMSAGPA        = 0xFFFFFFFFF000 // where SNP firmware measures VMSA pages
+	snpCompat      = 1
+	MaxCmdline     = PageSize4K - 1
+)
+
+var launchMagic = []byte("SVSME2EL")
+
+// Launch is what the image carries.
+type Launch struct {
+	Kernel  []byte
+	Initrd  []byte
+	Cmdline string
+	Policy  uint64 // SNP guest policy
+	// MemoryMiB the guest needs (RequiredMemory from GPA 0).
+	MemoryMiB uint32
+}
+
+func alignUp(v uint64) uint64 { return (v + PageSize4K - 1) &^ (PageSize4K - 1) }
+
+// BuildLaunch makes the IGVM file for l. The initrd follows the kernel, page aligned. The
+// file's page data refers to l's slices (no copy of a large kernel); do not change them.
+func BuildLaunch(l *Launch) (*File, error) {
+	if len(l.Kernel) == 0 {
+		return nil, errors.New("igvm launch: no kernel")
+	}
+	if len(l.Cmdline) > MaxCmdline {
+		return nil, fmt.Errorf("igvm launch: command line of %d bytes exceeds %d", len(l.Cmdline), MaxCmdline)
+	}
+	initrdGPA := alignUp(KernelGPA + uint64(len(l.Kernel)))
+	mem := l.MemoryMiB
+	if mem == 0 {
+		mem = 512
+	}
+	if end := initrdGPA + uint64(len(l.Initrd)); end > uint64(mem)<<20 {
+		return nil, fmt.Errorf("igvm launch: kernel and initrd end at %#x, beyond %d MiB of memory", end, mem)
+	}
+	table := make([]byte, 64)
+	copy(table, launchMagic)
+	le := binary.LittleEndian
+	le.PutUint64(table[8:], KernelGPA)
+	le.PutUint64(table[16:], uint64(len(l.Kernel)))
+	le.PutUint64(table[24:], initrdGPA)
+	le.PutUint64(table[32:], uint64(len(l.Initrd)))
+	le.PutUint64(table[40:], CmdlineGPA)
+	le.PutUint64(table[48:], uint64(len(l.Cmdline)))
+	f := &File{Headers: []Header{
+		SupportedPlatform{CompatMask: snpCompat, PlatformType: PlatformSEVSNP, PlatformVersion: 1},
+		GuestPolicy{Policy: l.Policy, CompatMask: snpCompat},
+		RequiredMemory{GPA: 0, CompatMask: snpCompat, Bytes: mem << 20},
+		ParameterArea{Bytes: PageSize4K, Index: 0},
+		PageData{GPA: LaunchTableGPA, CompatMask: snpCompat, Data: table},
+		PageData{GPA: CmdlineGPA, CompatMask: snpCompat, Data: []byte(l.Cmdline)},
+	}}
+	pages := func(gpa uint64, b []byte) {
+		for off := 0; off < len(b); off += PageSize4K {
+			f.Headers = append(f.Headers, PageData{GPA: gpa + uint64(off), CompatMask: snpCompat, Data: b[off:min(len(b), off+PageSize4K)]})
+		}
+	}
+	pages(KernelGPA, l.Kernel)
+	pages(initrdGPA, l.Initrd)
+	f.Headers = append(f.Headers,
+		ParameterInsert{GPA: ParamGPA, CompatMask: snpCompat, Index: 0},
+		VPContext{GPA: VMSAGPA, CompatMask: snpCompat, Data: vmsa(KernelGPA)},
+	)
+	return f, nil
+}
+
+// vmsa is the boot processor's initial state as an SEV-ES save area (offsets of the VMSA
+// layout): flat 64-bit code segment, long mode, RIP at the kernel, SEV_FEATURES.SNPActive.
+func vmsa(rip uint64) []byte {
+	v := make([]byte, PageSize4K)
+	le := binary.LittleEndian
+	// CS: selector 0x10, attrib 0xa09b (L=1, P, S, type code), limit 0xffffffff.
+	le.PutUint16(v[0x10:], 0x10)
+	le.PutUint16(v[0x12:], 0xa09b)
+	le.PutUint32(v[0x14:], 0xffffffff)
+	le.PutUint64(v[0xd0:], 0x1500)      // EFER: LME | LMA | SVME
+	le.PutUint64(v[0x148:], 0x40)       // CR4: PAE
+	le.PutUint64(v[0x158:], 0x80000011) // CR0: PG | ET | PE
+	le.PutUint64(v[0x178:], rip)
+	le.PutUint64(v[0x3b0:], 1) // SEV_FEATURES: SNPActive
+	return v
+}
+
+// ExtractLaunch reads kernel, initrd and command line back out of a launch image, so that
+// what a VM runs is what was measured.
+func ExtractLaunch(f *File) (*Launch, error) {
+	pages := map[uint64][]byte{}
+	l := &Launch{}
+	for _, h := range f.Headers {
+		switch h := h.(type) {
+		case PageData:
+			if h.Flags&Flag2MB != 0 {
+				return nil, errors.New("igvm launch: 2 MiB pages are not used by launch images")
+			}
+			pages[h.GPA] = h.Data
+		case GuestPolicy:
+			l.Policy = h.Policy
+		case RequiredMemory:
+			l.MemoryMiB = h.Bytes >> 20
+		}
+	}
+	table, ok := pages[LaunchTableGPA]
+	if !ok || len(table) < 56 || !bytes.Equal(table[:8], launchMagic) {
+		return nil, errors.New("igvm launch: no launch table")
+	}
+	le := binary.LittleEndian
+	gather := func(gpa, n uint64, what string) ([]byte, error) {
+		if n > 1<<30 || gpa%PageSize4K != 0 {
+			return nil, fmt.Errorf("igvm launch: %s at %#x of %d bytes", what, gpa, n)
+		}
+		out := make([]byte, 0, n)
+		for off := uint64(0); off < n; off += PageSize4K {
+			p, ok := pages[gpa+off]
+			if !ok {
+				return nil, fmt.Errorf("igvm launch: %s page at %#x missing", what, gpa+off)
+			}
+			page := make([]byte, PageSize4K)
+			copy(page, p)
+			out = append(out, page[:min(PageSize4K, int(n-off))]...)
+		}
+		return out, nil
+	}
+	var err error
+	if l.Kernel, err = gather(le.Uint64(table[8:]), le.Uint64(table[16:]), "kernel"); err != nil {
+		return nil, err
+	}
+	if l.Initrd, err = gather(le.Uint64(table[24:]), le.Uint64(table[32:]), "initrd"); err != nil {
+		return nil, err
+	}
+	cl, err := gather(le.Uint64(table[40:]), le.Uint64(table[48:]), "command line")
+	if err != nil {
+		return nil, err
+	}
+	l.Cmdline = string(cl)
+	return l, nil
+}
