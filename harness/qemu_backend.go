@@ -181,7 +181,8 @@ func (b *QEMUBackend) Start(ctx context.Context, vm *VM, o GuestOptions) (Instan
 	}
 	m := &qemu.Machine{
 		Profile: b.Choice.Profile, Accel: b.Choice.Accel, MemoryMiB: b.opts.MemoryMiB,
-		Kernel: b.Image.Kernel.Vmlinux, Initrd: b.Image.Initramfs, Cmdline: b.Cmdline(o.Cmdline),
+		// What runs is what the VM's launch image holds (extracted by the harness).
+		Kernel: o.Kernel, Initrd: o.Initrd, Cmdline: b.Cmdline(o.Cmdline),
 		Console: conPath, QMP: qmpPath, RNG: true,
 		Ports: []qemu.Port{{Name: guest.PortProxy, Socket: hj.ProxySocket}, {Name: guest.PortSNP, Socket: hj.SNPSocket}},
 		Disks: []qemu.Disk{{ID: "state", Path: o.StateDisk, Serial: guest.SerialState, SVSM: true},

@@ -52,11 +52,16 @@ type VM struct {
 	Template     string
 	Cmdline      string
 	Keys         *SecureBootKeys
+	// LaunchImage is the IGVM file the host launches (kernel, initrd, command line);
+	// Measurement is its SNP launch digest.
+	LaunchImage string
+	Measurement []byte
 
-	stack *Stack
-	hj    *protocol.HostJSON
-	boots int
-	last  Instance
+	stack       *Stack
+	hj          *protocol.HostJSON
+	boots       int
+	last        Instance
+	launchCache *launchedFiles
 }
 
 // NewVM registers a VM at the verifier, launches it at fakesnp and creates its files.
@@ -67,13 +72,8 @@ func (s *Stack) NewVM(ctx context.Context, o VMOptions) (*VM, error) {
 	if o.Cmdline == "" {
 		o.Cmdline = "console=ttyS0 root=/dev/mapper/svsm-data"
 	}
-	spec := o.Spec
-	spec.WriteThrough = spec.WriteThrough || o.WriteThrough
-	hj, err := s.Host.AddVM(ctx, VMSetup{Name: o.Name, SecretMode: o.SecretMode, Spec: spec})
-	if err != nil {
-		return nil, fmt.Errorf("add VM %s: %w", o.Name, err)
-	}
-	v := &VM{Name: o.Name, Registration: o.Name, Dir: filepath.Join(s.opts.WorkDir, "vms", o.Name), Cmdline: o.Cmdline, stack: s, hj: hj}
+	var err error
+	v := &VM{Name: o.Name, Registration: o.Name, Dir: filepath.Join(s.opts.WorkDir, "vms", o.Name), Cmdline: o.Cmdline, stack: s}
 	if err := os.MkdirAll(filepath.Join(v.Dir, "steps"), 0o755); err != nil {
 		return nil, err
 	}
@@ -82,6 +82,26 @@ func (s *Stack) NewVM(ctx context.Context, o VMOptions) (*VM, error) {
 	v.RecoveryFile = filepath.Join(v.Dir, "recovery-passphrase")
 	v.Kernel = filepath.Join(v.Dir, "vmlinux")
 	v.Initrd = filepath.Join(v.Dir, "initrd")
+	v.LaunchImage = filepath.Join(v.Dir, "launch.igvm")
+	// Stand-ins for the kernel and initrd the process backend's firmware loads and measures.
+	if err := os.WriteFile(v.Kernel, []byte("svsm-e2e test kernel 1\n"), 0o644); err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(v.Initrd, []byte("svsm-e2e test initrd 1\n"), 0o644); err != nil {
+		return nil, err
+	}
+	// The launch image and its SNP digest: what fakesnp reports and the verifier expects.
+	measurement, err := v.buildLaunch()
+	if err != nil {
+		return nil, err
+	}
+	spec := o.Spec
+	spec.WriteThrough = spec.WriteThrough || o.WriteThrough
+	hj, err := s.Host.AddVM(ctx, VMSetup{Name: o.Name, SecretMode: o.SecretMode, Spec: spec, Measurement: measurement})
+	if err != nil {
+		return nil, fmt.Errorf("add VM %s: %w", o.Name, err)
+	}
+	v.hj = hj
 	if err := WriteHostJSON(v.HostJSON, hj); err != nil {
 		return nil, err
 	}
@@ -166,8 +186,13 @@ func (v *VM) Start(ctx context.Context, o BootOptions) (Instance, error) {
 	if err != nil {
 		return nil, err
 	}
+	launched, err := v.launched()
+	if err != nil {
+		console.Close()
+		return nil, fmt.Errorf("launch image of %s: %w", v.Name, err)
+	}
 	g := GuestOptions{HostJSON: v.HostJSON, StateDisk: v.StateDisk, DataDisk: v.DataDisk, RecoveryFile: v.RecoveryFile,
-		Kernel: v.Kernel, Initrd: v.Initrd, Cmdline: v.Cmdline, UEFITemplate: v.Template, Actions: o.Actions,
+		Kernel: launched.kernel, Initrd: launched.initrd, Cmdline: launched.cmdline, UEFITemplate: v.Template, Actions: o.Actions,
 		Console: console, Timeout: o.Timeout, OnEvent: o.OnEvent, CrashAfter: o.CrashAfter, AttestTimeout: o.AttestTimeout}
 	if o.NoRecovery {
 		g.RecoveryFile = ""
@@ -316,6 +341,7 @@ func (v *VM) Relaunch(ctx context.Context, change func(*fakesnp.LaunchSpec)) err
 	}
 	hj := *v.hj
 	hj.SNPSocket, hj.Launch, hj.Chip = info.Socket, spec.Name, spec.Chip
+	hj.Measurement = hex.EncodeToString(spec.Measurement)
 	v.hj = &hj
 	return WriteHostJSON(v.HostJSON, &hj)
 }

@@ -45,8 +45,16 @@ var _ = Describe("FDE unlock", Label("backend:process"), func() {
 			run = bootWith(vm, harness.BootOptions{NoRecovery: true})
 			expectFailed(run, protocol.LayerOS, "fde-locked")
 		},
-		Entry("kernel command line", func() { vm.Cmdline += " init=/bin/sh" }, "8"),
-		Entry("kernel image", func() { Expect(vm.SetKernel([]byte("an attacker's kernel"))).To(Succeed()) }, "4"),
+		// The owner approves the new launch image at the verifier (an OS update); the PCR
+		// policy still tells the difference.
+		Entry("kernel command line", func() {
+			vm.Cmdline += " init=/bin/sh"
+			Expect(vm.UpdateLaunch(ctx(), true)).To(Succeed())
+		}, "8"),
+		Entry("kernel image", func() {
+			Expect(vm.SetKernel([]byte("an updated kernel"))).To(Succeed())
+			Expect(vm.UpdateLaunch(ctx(), true)).To(Succeed())
+		}, "4"),
 		Entry("Secure Boot db", func() {
 			act, err := vm.WriteSignedUpdate("db.json", "db", []uefivars.Signature{harness.HashSignature(sha256.Sum256([]byte("tool")))},
 				harness.EnrollmentEpoch.Add(time.Hour), true, vm.Keys.KEK)
@@ -58,6 +66,7 @@ var _ = Describe("FDE unlock", Label("backend:process"), func() {
 	It("OS self-update: unlock works after re-sealing to the new chain; an update without re-seal falls back", func() {
 		By("update the kernel without re-sealing: recovery path")
 		Expect(vm.SetKernel([]byte("kernel 2"))).To(Succeed())
+		Expect(vm.UpdateLaunch(ctx(), true)).To(Succeed())
 		run := boot(vm, "fde-reseal")
 		expectBooted(run)
 		Expect(event(run, "fde-unlocked").String("method")).To(Equal("recovery"))

@@ -111,6 +111,7 @@ var _ = Describe("QEMU", Label("backend:qemu", "slow"), func() {
 	It("FDE negative: a changed command line fails the PCR policy; recovery opens the disk with dm-crypt", func() {
 		expectBooted(boot(vm, "data-write=kept"))
 		vm.Cmdline += " init=/bin/sh"
+		Expect(vm.UpdateLaunch(ctx(), true)).To(Succeed())
 		run := boot(vm, "data-read")
 		expectBooted(run)
 		Expect(event(run, "fde-policy-failed").Reason).To(ContainSubstring("policy"))

@@ -98,6 +98,21 @@ var _ = Describe("Swap", Label("backend:process", "attack"), func() {
 })
 
 var _ = Describe("Wrong launch", Label("backend:process", "attack"), func() {
+	It("one changed byte of the launched IGVM image: refused on the measurement", func() {
+		s := newStack()
+		vm := newVM(s, harness.VMOptions{Name: "vm"})
+		expectBooted(boot(vm))
+		registered := view(vm).Measurements[0]
+		Expect([]byte(registered)).To(Equal(vm.Measurement), "the verifier holds the digest of the IGVM image")
+		Expect(vm.TamperLaunch(ctx(), 5)).To(Succeed())
+		Expect(vm.Measurement).NotTo(Equal([]byte(registered)))
+		n := len(audit(s, ""))
+		run := boot(vm)
+		expectFailed(run, protocol.LayerSVSM, "attestation-failed")
+		Expect(hasAudit(auditAfter(s, "", n), "attest", verifier.Deny, "measurement:")).To(BeTrue())
+		Expect(view(vm).Primed).To(BeTrue())
+	})
+
 	DescribeTable("the verifier refuses, naming the field; nothing is released or consumed",
 		func(change func(*fakesnp.LaunchSpec), spec verifier.VMSpec, field string) {
 			s := newStack()

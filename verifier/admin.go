@@ -81,6 +81,33 @@ func (v *Verifier) Register(spec VMSpec) (*VMView, error) {
 	return &view, nil
 }
 
+// SetMeasurements replaces the VM's allow-list of launch digests: the owner approves a new
+// launch image (an OS update) or withdraws an old one. Audited.
+func (v *Verifier) SetMeasurements(name string, ms []HexBytes) (*VMView, error) {
+	var view VMView
+	err := v.store.Update(func(tx *Tx) error {
+		vm, err := tx.VM(name)
+		if err != nil {
+			return err
+		}
+		spec := vm.VMSpec
+		spec.Measurements = ms
+		if err := spec.Validate(); err != nil {
+			return fmt.Errorf("%w: %w", ErrInvalid, err)
+		}
+		vm.VMSpec = spec
+		if err := tx.PutVM(vm); err != nil {
+			return err
+		}
+		view = vm.View()
+		return tx.Audit(AuditEvent{Event: "policy", Outcome: Allow, VM: name, Reason: fmt.Sprintf("measurements set (%d)", len(ms))})
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &view, nil
+}
+
 // Prime allows exactly one more release for the VM.
 func (v *Verifier) Prime(name string) (*VMView, error) {
 	var view VMView
@@ -130,6 +157,7 @@ func (v *Verifier) Show(name string) (*VMView, error) {
 //	GET  /admin/v1/vms                       list
 //	GET  /admin/v1/vms/{name}                show
 //	POST /admin/v1/vms/{name}/boot-requests  prime one boot
+//	PUT  /admin/v1/vms/{name}/measurements   replace the launch digest allow-list
 //	GET  /admin/v1/audit?vm=NAME&since=SEQ&limit=N
 func (v *Verifier) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
@@ -177,6 +205,19 @@ func (v *Verifier) AdminHandler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, view)
 	})
+	mux.HandleFunc("PUT /admin/v1/vms/{name}/measurements", func(w http.ResponseWriter, r *http.Request) {
+		var ms []HexBytes
+		if err := readJSON(r, &ms); err != nil {
+			problem(w, http.StatusBadRequest, "InvalidRequest", err.Error())
+			return
+		}
+		view, err := v.SetMeasurements(r.PathValue("name"), ms)
+		if err != nil {
+			adminError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, view)
+	})
 	mux.HandleFunc("GET /admin/v1/audit", func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()
 		since, _ := strconv.ParseUint(q.Get("since"), 10, 64)
@@ -198,9 +239,16 @@ func (v *Verifier) AdminHandler() http.Handler {
 	})
 }
 
+// ErrInvalid marks an admin request that is well-formed JSON but not acceptable.
+var ErrInvalid = errors.New("invalid request")
+
 func adminError(w http.ResponseWriter, err error) {
 	if errors.Is(err, ErrNotFound) {
 		problem(w, http.StatusNotFound, "NotFound", err.Error())
+		return
+	}
+	if errors.Is(err, ErrInvalid) {
+		problem(w, http.StatusBadRequest, "InvalidRequest", err.Error())
 		return
 	}
 	problem(w, http.StatusInternalServerError, "Internal", err.Error())

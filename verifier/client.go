@@ -33,6 +33,12 @@ func (c *AdminClient) Prime(ctx context.Context, name string) (*VMView, error) {
 	return &v, c.do(ctx, http.MethodPost, "/admin/v1/vms/"+url.PathEscape(name)+"/boot-requests", nil, &v)
 }
 
+// SetMeasurements replaces a VM's launch digest allow-list.
+func (c *AdminClient) SetMeasurements(ctx context.Context, name string, ms []HexBytes) (*VMView, error) {
+	var v VMView
+	return &v, c.do(ctx, http.MethodPut, "/admin/v1/vms/"+url.PathEscape(name)+"/measurements", ms, &v)
+}
+
 // Show shows a VM.
 func (c *AdminClient) Show(ctx context.Context, name string) (*VMView, error) {
 	var v VMView

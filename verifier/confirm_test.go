@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/ecdh"
 	"crypto/rand"
+	"errors"
 	"strings"
 	"testing"
 
@@ -157,5 +158,36 @@ func TestVMSpecValidate(t *testing.T) {
 		if err := tc.Validate(); err == nil {
 			t.Errorf("%+v accepted", tc)
 		}
+	}
+}
+
+func TestSetMeasurements(t *testing.T) {
+	v := newTestVerifier(t)
+	m1, m2 := bytes.Repeat([]byte{1}, 48), bytes.Repeat([]byte{2}, 48)
+	if _, err := v.Register(VMSpec{Name: "vm", Measurements: []protocol.HexBytes{m1}, SecretMode: "v1"}); err != nil {
+		t.Fatal(err)
+	}
+	view, err := v.SetMeasurements("vm", []protocol.HexBytes{m1, m2})
+	if err != nil || len(view.Measurements) != 2 {
+		t.Fatalf("set: %+v %v", view, err)
+	}
+	if _, err := v.SetMeasurements("vm", nil); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("empty allow-list: %v, want ErrInvalid", err)
+	}
+	if _, err := v.SetMeasurements("vm", []protocol.HexBytes{{1, 2}}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("short digest: %v, want ErrInvalid", err)
+	}
+	if _, err := v.SetMeasurements("nope", []protocol.HexBytes{m1}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("unknown vm: %v", err)
+	}
+	if got, _ := v.Show("vm"); len(got.Measurements) != 2 {
+		t.Fatalf("a refused update changed the record: %+v", got.Measurements)
+	}
+	evs, err := v.store.AuditEvents("vm", 0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if last := evs[len(evs)-1]; last.Event != "policy" {
+		t.Fatalf("last audit %+v", last)
 	}
 }

@@ -206,7 +206,22 @@ func vmCmd() *cobra.Command {
 
 	show := vmViewCmd(&a, "show NAME", "Show a VM (never its key)", (*verifier.AdminClient).Show)
 	prime := vmViewCmd(&a, "prime NAME", "Allow exactly one more key release (one boot)", (*verifier.AdminClient).Prime)
-	cmd.AddCommand(register, show, prime)
+	var allowed []string
+	setMeasurements := vmViewCmd(&a, "set-measurements NAME --measurement HEX...", "Replace the allowed launch digests (approve a new launch image)",
+		func(c *verifier.AdminClient, ctx context.Context, name string) (*verifier.VMView, error) {
+			var ms []protocol.HexBytes
+			for _, m := range allowed {
+				b, err := hex.DecodeString(m)
+				if err != nil {
+					return nil, fmt.Errorf("--measurement %q: %w", m, err)
+				}
+				ms = append(ms, b)
+			}
+			return c.SetMeasurements(ctx, name, ms)
+		})
+	setMeasurements.Flags().StringSliceVar(&allowed, "measurement", nil, "allowed launch digest, 96 hex digits (repeatable); `svsm-e2e measure FILE.igvm` prints one")
+	_ = setMeasurements.MarkFlagRequired("measurement")
+	cmd.AddCommand(register, show, prime, setMeasurements)
 	return cmd
 }
 
