@@ -71,9 +71,6 @@ func NewQEMUBackend(ctx context.Context, o QEMUOptions) (*QEMUBackend, error) {
 	if err != nil {
 		return nil, err
 	}
-	if choice.Profile == qemu.Coconut {
-		return nil, errors.New("qemu backend: the coconut profile boots a user's SVSM IGVM, not svsm-guest")
-	}
 	img, err := images.Ensure(ctx, images.Options{Cache: o.ImageCache, Guest: o.Guest})
 	if err != nil {
 		return nil, fmt.Errorf("guest image: %w", err)
@@ -190,6 +187,10 @@ func (b *QEMUBackend) Start(ctx context.Context, vm *VM, o GuestOptions) (Instan
 	}
 	if o.DataDisk != "" {
 		m.Disks = append(m.Disks, qemu.Disk{ID: "data", Path: o.DataDisk, Serial: guest.SerialData})
+	}
+	if m.Profile == qemu.Coconut {
+		// A QEMU with igvm-cfg loads the launch image itself: SNP firmware measures exactly it.
+		m.IGVM, m.Kernel, m.Initrd, m.Cmdline = vm.LaunchImage, "", "", ""
 	}
 	args, _ := m.Args()
 	_ = os.WriteFile(filepath.Join(vm.Dir, fmt.Sprintf("qemu-%02d.cmdline", n)), []byte(b.Caps.Binary+" "+strings.Join(args, " ")+"\n"), 0o644)
