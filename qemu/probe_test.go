@@ -27,3 +27,22 @@ func TestChoose(t *testing.T) {
 		t.Fatalf("fork coconut: %+v %v", c, err)
 	}
 }
+
+// TestProbeLocalQEMU runs the probe against the installed QEMU (make test installs it).
+func TestProbeLocalQEMU(t *testing.T) {
+	c, err := Probe(t.Context(), "")
+	if err != nil {
+		t.Fatalf("probe: %v (the QEMU backend needs Debian's qemu-system-x86)", err)
+	}
+	if !c.Machines["q35"] || c.Version == "" {
+		t.Fatalf("probe found %+v", c)
+	}
+	choice, err := c.Choose("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(choice.Reason, c.Version) || strings.Contains(choice.Reason, "\n") {
+		t.Fatalf("the reason must be one line naming the QEMU: %q", choice.Reason)
+	}
+	t.Log(choice.Reason)
+}

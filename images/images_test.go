@@ -1,0 +1,88 @@
+package images
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"strconv"
+	"testing"
+)
+
+// readNewc is a minimal newc reader for the test: name → (mode, data, rdev major).
+func readNewc(t *testing.T, b []byte) map[string][3]any {
+	t.Helper()
+	out := map[string][3]any{}
+	for off := 0; ; {
+		if off+110 > len(b) || string(b[off:off+6]) != "070701" {
+			t.Fatalf("bad header at %d", off)
+		}
+		field := func(i int) int {
+			v, err := strconv.ParseUint(string(b[off+6+8*i:off+14+8*i]), 16, 32)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return int(v)
+		}
+		mode, size, rmajor, namesize := field(1), field(6), field(9), field(11)
+		name := string(b[off+110 : off+110+namesize-1])
+		off += 110 + namesize
+		off = (off + 3) &^ 3
+		data := b[off : off+size]
+		off = (off + size + 3) &^ 3
+		if name == "TRAILER!!!" {
+			return out
+		}
+		out[name] = [3]any{mode, data, rmajor}
+	}
+}
+
+func TestCPIO(t *testing.T) {
+	var buf bytes.Buffer
+	c := NewCPIO(&buf)
+	c.Dir("dev")
+	c.CharDev("dev/console", 0o600, 5, 1)
+	c.File("/init", 0o755, []byte("#!init"))
+	c.Symlink("bin", "usr/bin")
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if buf.Len()%4 != 0 {
+		t.Fatalf("archive of %d bytes is not 4-aligned", buf.Len())
+	}
+	files := readNewc(t, buf.Bytes())
+	if e := files["dev/console"]; e[0].(int) != 0o020600 || e[2].(int) != 5 {
+		t.Fatalf("console node %v", e)
+	}
+	if e := files["init"]; string(e[1].([]byte)) != "#!init" || e[0].(int) != 0o100755 {
+		t.Fatalf("init %v", e)
+	}
+	if e := files["bin"]; string(e[1].([]byte)) != "usr/bin" {
+		t.Fatalf("symlink %v", e)
+	}
+}
+
+func TestExtractVmlinux(t *testing.T) {
+	elf, err := os.ReadFile("/bin/true")
+	if err != nil {
+		t.Skip("no /bin/true to use as a small ELF")
+	}
+	cmd := exec.Command("xz", "--format=xz", "--check=crc32", "-c")
+	cmd.Stdin = bytes.NewReader(elf)
+	xz, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("xz (Debian xz-utils) is needed: %v", err)
+	}
+	// A bzImage: setup code, then the xz stream, then padding; a false magic before it.
+	bz := append(append(append([]byte("setup code \xfd7zXZ\x00 not a stream "), xz...), make([]byte, 64)...), 0xff)
+	got, err := ExtractVmlinux(context.Background(), bz)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, elf) {
+		t.Fatalf("extracted %d bytes, want the %d-byte ELF", len(got), len(elf))
+	}
+	if _, err := ExtractVmlinux(context.Background(), []byte("no kernel here")); err == nil {
+		t.Fatal("found a kernel in garbage")
+	}
+}
