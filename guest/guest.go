@@ -4,6 +4,7 @@
 package guest
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -46,6 +47,10 @@ type Config struct {
 	Out                io.Writer
 	// AttestTimeout bounds attestation and each confirmation (60 s when zero).
 	AttestTimeout time.Duration
+	// Control, if set, is the control channel: after Actions the OS takes one action per
+	// line ("nv-increment", "uefi-set=FILE", ..., "poweroff" or "reboot" to end), reporting
+	// each as an "action" event carrying the command's sequence number.
+	Control io.Reader
 	// CrashAfter is a fault-injection point for crash-window tests: right after printing
 	// the first event that matches "EVENT" or "EVENT=WHY" (matching the "why" or "action"
 	// field), the process kills itself with SIGKILL, as a power cut would.
@@ -220,26 +225,33 @@ func run(ctx context.Context, cfg Config, em *emitter) (Outcome, error) {
 		}
 	}
 	w := &guestos.Workload{TPM: tpm, Vars: vars, FDE: fde, DataDevice: cfg.DataDevice}
-	outcome := PowerOff
-	for _, a := range cfg.Actions {
-		if a.Name == "reboot" {
-			outcome = Reboot
-			break
-		}
-		if a.Name == "poweroff" {
-			break
-		}
+	runAction := func(a guestos.Action, seq int) {
 		fields, err := w.Run(ctx, a)
 		if fields == nil {
 			fields = map[string]any{}
 		}
 		fields["action"] = a.Name
 		fields["ok"] = err == nil
+		if seq > 0 {
+			fields["seq"] = seq
+		}
 		reason := ""
 		if err != nil {
 			reason = err.Error()
 		}
 		osEmit("action", reason, fields)
+	}
+	outcome, done := PowerOff, false
+	for _, a := range cfg.Actions {
+		if a.Name == "reboot" || a.Name == "poweroff" {
+			outcome, done = Outcome(a.Name), true
+			break
+		}
+		runAction(a, 0)
+	}
+	if !done && cfg.Control != nil {
+		osEmit("control-ready", "", nil)
+		outcome = serveControl(ctx, cfg.Control, runAction, osEmit)
 	}
 	poweredOff = true
 	if err := s.PowerOff(ctx); err != nil {
@@ -286,4 +298,52 @@ func readBounded(path string) ([]byte, error) {
 		return nil, fmt.Errorf("%s is %d bytes, limit %d", path, fi.Size(), MaxComponentSize)
 	}
 	return os.ReadFile(path)
+}
+
+// MaxControlIdle bounds how long the OS waits for the next command on the control channel.
+const MaxControlIdle = 10 * time.Minute
+
+// serveControl runs commands from the control channel until poweroff, reboot, EOF or idle.
+func serveControl(ctx context.Context, r io.Reader, run func(guestos.Action, int), emit func(string, string, map[string]any)) Outcome {
+	lines := make(chan string)
+	go func() {
+		defer close(lines)
+		sc := bufio.NewScanner(r)
+		sc.Buffer(make([]byte, 0, 4096), 4096)
+		for sc.Scan() {
+			select {
+			case lines <- sc.Text():
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+	for seq := 1; ; seq++ {
+		var line string
+		var ok bool
+		select {
+		case line, ok = <-lines:
+		case <-time.After(MaxControlIdle):
+			emit("control-closed", "idle for "+MaxControlIdle.String(), nil)
+			return PowerOff
+		case <-ctx.Done():
+			return PowerOff
+		}
+		if !ok {
+			emit("control-closed", "end of channel", nil)
+			return PowerOff
+		}
+		acts, err := guestos.ParseActions(strings.TrimSpace(line))
+		if err != nil || len(acts) != 1 {
+			emit("action", fmt.Sprintf("control command %q: %v", line, err), map[string]any{"ok": false, "seq": seq})
+			continue
+		}
+		switch acts[0].Name {
+		case "poweroff":
+			return PowerOff
+		case "reboot":
+			return Reboot
+		}
+		run(acts[0], seq)
+	}
 }

@@ -17,9 +17,10 @@ import (
 
 // Names the host gives the VM's devices.
 const (
-	PortProxy    = "svsm.proxy" // virtio-serial port: §1 channel (to svsm-proxy)
-	PortSNP      = "svsm.snp"   // virtio-serial port: §4 channel (to fakesnp)
-	SerialState  = "svsm-state" // virtio-blk serials
+	PortProxy    = "svsm.proxy"   // virtio-serial port: §1 channel (to svsm-proxy)
+	PortSNP      = "svsm.snp"     // virtio-serial port: §4 channel (to fakesnp)
+	PortControl  = "svsm.control" // virtio-serial port: the control channel (optional)
+	SerialState  = "svsm-state"   // virtio-blk serials
 	SerialData   = "svsm-data"
 	SerialConfig = "svsm-config"
 	// ModuleList is the initramfs's module load order (images.ModuleListPath).
@@ -123,6 +124,15 @@ func initAndRun(out io.Writer) error {
 		return err
 	}
 	cfg.SNP = snp
+	if bc.Control {
+		p, err := waitPort(PortControl)
+		if err != nil {
+			return err
+		}
+		if cfg.Control, err = os.OpenFile(p, os.O_RDWR, 0); err != nil {
+			return err
+		}
+	}
 	// One serial stream for every session (the proxy runs with --persistent).
 	cfg.ProxyDial = func(context.Context) (io.ReadWriteCloser, error) { return keepOpen{proxy}, nil }
 	_, err = Run(context.Background(), cfg)

@@ -32,6 +32,8 @@ type GuestOptions struct {
 	Console io.Writer
 	// Timeout bounds the whole boot (default 2 minutes); the process is killed after it.
 	Timeout time.Duration
+	// ControlSocket is the unix socket of the control channel (the host listens).
+	ControlSocket string
 	// CrashAfter makes the guest cut its own power after an event (see svsm-guest --crash-after).
 	CrashAfter string
 	// AttestTimeout bounds the guest's attestation and confirmations (its default when zero).
@@ -255,6 +257,9 @@ func StartGuest(ctx context.Context, bin string, o GuestOptions) (*GuestProcess,
 	}
 	if o.CrashAfter != "" {
 		args = append(args, "--crash-after", o.CrashAfter)
+	}
+	if o.ControlSocket != "" {
+		args = append(args, "--control-socket", o.ControlSocket)
 	}
 	if o.AttestTimeout > 0 {
 		args = append(args, "--attest-timeout", o.AttestTimeout.String())

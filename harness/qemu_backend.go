@@ -133,7 +133,7 @@ func (b *QEMUBackend) Start(ctx context.Context, vm *VM, o GuestOptions) (Instan
 		return nil, err
 	}
 	bc := &guest.BootConfig{CrashAfter: o.CrashAfter, AttestMillis: o.AttestTimeout.Milliseconds(), DataDisk: o.DataDisk != "",
-		Files: map[string][]byte{}}
+		Files: map[string][]byte{}, Control: o.ControlSocket != ""}
 	if o.RecoveryFile != "" {
 		if bc.Recovery, err = os.ReadFile(o.RecoveryFile); err != nil {
 			return nil, err
@@ -187,6 +187,9 @@ func (b *QEMUBackend) Start(ctx context.Context, vm *VM, o GuestOptions) (Instan
 	}
 	if o.DataDisk != "" {
 		m.Disks = append(m.Disks, qemu.Disk{ID: "data", Path: o.DataDisk, Serial: guest.SerialData})
+	}
+	if o.ControlSocket != "" {
+		m.Ports = append(m.Ports, qemu.Port{Name: guest.PortControl, Socket: o.ControlSocket})
 	}
 	if m.Profile == qemu.Coconut {
 		// A QEMU with igvm-cfg loads the launch image itself: SNP firmware measures exactly it.

@@ -151,6 +151,9 @@ type BootOptions struct {
 	NoRecovery bool
 	Timeout    time.Duration
 	OnEvent    func(protocol.Event)
+	// Control opens a control channel: after Actions the guest takes commands from
+	// Running.Command until "poweroff" or "reboot".
+	Control bool
 	// CrashAfter cuts the guest's power right after an event (see GuestOptions).
 	CrashAfter    string
 	AttestTimeout time.Duration
@@ -169,7 +172,7 @@ func (v *VM) View(ctx context.Context) (*verifier.VMView, error) {
 
 // Start boots the VM (priming a boot request unless NoPrime) and returns the running
 // instance. The state disk as it was before the boot is kept under steps/.
-func (v *VM) Start(ctx context.Context, o BootOptions) (Instance, error) {
+func (v *VM) Start(ctx context.Context, o BootOptions) (*Running, error) {
 	if !o.NoPrime {
 		if err := v.Prime(ctx); err != nil {
 			return nil, fmt.Errorf("prime %s: %w", v.Name, err)
@@ -197,17 +200,31 @@ func (v *VM) Start(ctx context.Context, o BootOptions) (Instance, error) {
 	if o.NoRecovery {
 		g.RecoveryFile = ""
 	}
+	var ctl *control
+	if o.Control {
+		g.ControlSocket = v.stack.Host.RunPath(fmt.Sprintf("ctl-%s-%d", v.Name, v.boots))
+		if ctl, err = listenControl(g.ControlSocket); err != nil {
+			console.Close()
+			return nil, err
+		}
+	}
 	inst, err := v.stack.backend.Start(ctx, v, g)
 	if err != nil {
 		console.Close()
+		if ctl != nil {
+			ctl.close()
+		}
 		return nil, err
 	}
 	v.last = inst
 	go func() {
 		_, _ = inst.Wait(context.WithoutCancel(ctx))
 		console.Close()
+		if ctl != nil {
+			ctl.close()
+		}
 	}()
-	return inst, nil
+	return &Running{Instance: inst, ctl: ctl}, nil
 }
 
 // Boot starts the VM and waits for the boot to end.

@@ -2,6 +2,7 @@ package scenarios
 
 import (
 	"sync"
+	"time"
 
 	. "github.com/onsi/ginkgo/v2"
 	. "github.com/onsi/gomega"
@@ -61,17 +62,24 @@ var _ = Describe("Rollback across boots", Label("backend:process", "attack"), fu
 })
 
 var _ = Describe("Rollback within a boot", Label("backend:process", "attack"), func() {
+	// The host snapshots the state disk between two runtime writes of one boot, driving the
+	// guest's workload through its control channel, then restores the snapshot.
 	restoreMidBoot := func(vm *harness.VM) *harness.GuestRun {
 		GinkgoHelper()
 		expectBooted(boot(vm))
-		run := bootWith(vm, harness.BootOptions{
-			Actions: []string{"nv-write=old", "wait=200ms", "nv-write=new"},
-			OnEvent: func(ev protocol.Event) {
-				if ev.Event == "action" && ev.String("nv_data") == "old" {
-					Expect(vm.Snapshot("mid-boot")).To(Succeed())
-				}
-			},
-		})
+		r, err := vm.Start(ctx(), harness.BootOptions{Control: true})
+		Expect(err).NotTo(HaveOccurred())
+		ev, err := r.Command(ctx(), "nv-write=old", time.Minute)
+		Expect(err).NotTo(HaveOccurred())
+		Expect(ev.Fields["ok"]).To(BeTrue())
+		Expect(vm.Snapshot("mid-boot")).To(Succeed())
+		ev, err = r.Command(ctx(), "nv-write=new", time.Minute)
+		Expect(err).NotTo(HaveOccurred())
+		Expect(ev.Fields["ok"]).To(BeTrue())
+		_, err = r.Command(ctx(), "poweroff", time.Minute)
+		Expect(err).NotTo(HaveOccurred())
+		run, err := r.Wait(ctx())
+		Expect(err).NotTo(HaveOccurred())
 		expectBooted(run)
 		Expect(vm.Restore("mid-boot")).To(Succeed())
 		return boot(vm, "nv-read")

@@ -45,11 +45,15 @@ var _ = Describe("QEMU", Label("backend:qemu", "slow"), func() {
 
 	It("QMP reset mid-run, then stop + start: nothing lost, counter consistent", func() {
 		expectBooted(boot(vm, "data-write=before reset"))
-		inst, err := vm.Start(ctx(), harness.BootOptions{Actions: []string{"wait=5m"}})
+		inst, err := vm.Start(ctx(), harness.BootOptions{Control: true})
 		Expect(err).NotTo(HaveOccurred())
-		_, err = inst.WaitForEvent(ctx(), 2*time.Minute, func(e protocol.Event) bool { return e.Event == "fde-unlocked" })
+		_, err = inst.WaitForEvent(ctx(), 2*time.Minute, func(e protocol.Event) bool { return e.Event == "control-ready" })
 		Expect(err).NotTo(HaveOccurred())
-		q, ok := inst.(*harness.QEMUInstance)
+		By("the control channel (a virtio-serial port) drives the workload")
+		ev, err := inst.Command(ctx(), "nv-increment", time.Minute)
+		Expect(err).NotTo(HaveOccurred())
+		Expect(num(ev, "nv_counter")).To(Equal(uint64(1)))
+		q, ok := inst.Instance.(*harness.QEMUInstance)
 		Expect(ok).To(BeTrue())
 		Expect(q.Reset(ctx())).To(Succeed())
 		run, err := inst.Wait(ctx())

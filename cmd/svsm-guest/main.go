@@ -8,6 +8,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"strings"
 	"time"
@@ -47,7 +48,7 @@ func main() {
 }
 
 func runCmd() *cobra.Command {
-	var hostJSON, then, recoveryFile string
+	var hostJSON, then, recoveryFile, controlSocket string
 	cfg := guest.Config{Out: os.Stdout}
 	cmd := &cobra.Command{
 		Use:   "run --host-json FILE --state-disk FILE [--data-disk FILE] [--then ACTIONS]",
@@ -77,6 +78,14 @@ first boot. Events go to stdout, one per line: SVSM-E2E-EVENT {"event":..,"layer
 				}
 				cfg.RecoveryPassphrase = []byte(strings.TrimRight(string(b), "\r\n"))
 			}
+			if controlSocket != "" {
+				c, err := net.DialTimeout("unix", controlSocket, 10*time.Second)
+				if err != nil {
+					return fmt.Errorf("control channel: %w", err)
+				}
+				defer c.Close()
+				cfg.Control = c
+			}
 			ctx, stop := daemon.SignalContext()
 			defer stop()
 			_, err = guest.Run(ctx, cfg)
@@ -94,6 +103,7 @@ first boot. Events go to stdout, one per line: SVSM-E2E-EVENT {"event":..,"layer
 	f.StringVar(&cfg.Cmdline, "cmdline", "console=ttyS0", "kernel command line the firmware measures")
 	f.StringVar(&cfg.UEFITemplate, "uefi-template", "", "JSON variable updates enrolled on first boot (Secure Boot keys)")
 	f.DurationVar(&cfg.AttestTimeout, "attest-timeout", 60*time.Second, "bound on attestation and each confirmation")
+	f.StringVar(&controlSocket, "control-socket", "", "unix socket of the control channel: one action per line after --then (poweroff/reboot ends)")
 	f.StringVar(&cfg.CrashAfter, "crash-after", "", "fault injection: SIGKILL itself right after the event EVENT[=WHY|ACTION]")
 	return cmd
 }
