@@ -250,6 +250,15 @@ func (h *Host) RestartVerifier(ctx context.Context) error {
 	return h.StartVerifier(ctx)
 }
 
+// KillProxy kills svsm-proxy with SIGKILL (a crash, mid-message if a guest is talking).
+func (h *Host) KillProxy() { h.Proxy.Kill() }
+
+// RestartProxy starts svsm-proxy again on the same socket.
+func (h *Host) RestartProxy(ctx context.Context) error {
+	_ = h.Proxy.Stop(5 * time.Second)
+	return h.startProxy(ctx)
+}
+
 func (h *Host) startProxy(ctx context.Context) error {
 	h.ProxySocket = h.RunPath("proxy.sock")
 	addrFile := h.path("run", "proxy.addr")

@@ -233,6 +233,38 @@ var _ = Describe("Crash windows", Label("backend:process"), func() {
 		Entry("after the workload, before power-off", "action=nv-write", []string{"nv-write=after"}),
 	)
 
+	It("a proxy killed mid-message: the guest fails closed, the boot request survives, a restarted proxy serves", func() {
+		s := newStack()
+		vm := newVM(s, harness.VMOptions{Name: "vm"})
+		expectBooted(boot(vm))
+		// Hold the attestation response in a MITM, kill the proxy while it is in flight.
+		inFlight := make(chan struct{}, 1)
+		mitm, err := harness.StartMITM(filepath.Join(filepath.Dir(s.ProxySocket()), "hold.sock"), s.ProxySocket(), func(f harness.Frame) harness.Verdict {
+			if f.Dir == harness.ToProxy && f.Index == 1 {
+				select {
+				case inFlight <- struct{}{}:
+				default:
+				}
+				return harness.Verdict{Delay: 500 * time.Millisecond}
+			}
+			return harness.Verdict{}
+		})
+		Expect(err).NotTo(HaveOccurred())
+		DeferCleanup(mitm.Close)
+		Expect(vm.SetProxySocket(mitm.Path())).To(Succeed())
+		r, err := vm.Start(ctx(), harness.BootOptions{AttestTimeout: 10 * time.Second})
+		Expect(err).NotTo(HaveOccurred())
+		Eventually(inFlight).WithTimeout(30 * time.Second).Should(Receive())
+		s.Host.KillProxy()
+		run, err := r.Wait(ctx())
+		Expect(err).NotTo(HaveOccurred())
+		expectFailed(run, protocol.LayerSVSM, "attestation-failed")
+		Expect(view(vm).Primed).To(BeTrue(), "nothing was released: the request is still there")
+		Expect(s.Host.RestartProxy(ctx())).To(Succeed())
+		expectBooted(bootWith(vm, harness.BootOptions{NoPrime: true}))
+		Expect(view(vm).Counter).To(Equal(uint64(2)))
+	})
+
 	It("a verifier killed mid-boot: the guest fails closed; after a restart the VM boots", func() {
 		s := newStack()
 		vm := newVM(s, harness.VMOptions{Name: "vm"})
