@@ -214,3 +214,28 @@ func allocatedBanks(tpm io.ReadWriter) ([]Bank, error) {
 	}
 	return out, nil
 }
+
+// PredictPCRs returns the SHA-256 values PCRs 4, 8 and 9 will hold when this firmware boots
+// kernel, initrd and cmdline (nil initrd: none), following Run's extend order. The OS uses it
+// to re-seal before an update; only the parts passed non-nil are predicted.
+func PredictPCRs(kernel, initrd []byte, cmdline *string) map[int][]byte {
+	extend := func(pcr []byte, data []byte) []byte {
+		d := sha256.Sum256(data)
+		h := sha256.New()
+		h.Write(pcr)
+		h.Write(d[:])
+		return h.Sum(nil)
+	}
+	zero := make([]byte, sha256.Size)
+	out := map[int][]byte{}
+	if kernel != nil {
+		out[PCRBootApp] = extend(extend(zero, []byte{0, 0, 0, 0}), kernel)
+	}
+	if initrd != nil {
+		out[PCRInitrd] = extend(zero, initrd)
+	}
+	if cmdline != nil {
+		out[PCRCmdline] = extend(zero, []byte(*cmdline))
+	}
+	return out
+}

@@ -159,3 +159,22 @@ func TestDBXRevokesComponent(t *testing.T) {
 		t.Fatalf("revoked kernel booted: %v", err)
 	}
 }
+
+func TestPredictPCRsMatchesABoot(t *testing.T) {
+	tpm, err := vtpm.Manufacture()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tpm.Close()
+	b := boot()
+	res, err := Run(context.Background(), tpm.Transport(), storeVars{uefivars.New()}, nil, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pred := PredictPCRs(b.Kernel.Data, b.Initrd.Data, &b.Cmdline)
+	for _, pcr := range []int{PCRBootApp, PCRInitrd, PCRCmdline} {
+		if string(pred[pcr]) != string(res.PCRs[pcr]) {
+			t.Errorf("PCR %d: predicted %x, booted %x", pcr, pred[pcr], res.PCRs[pcr])
+		}
+	}
+}

@@ -107,8 +107,13 @@ func initAndRun(out io.Writer) error {
 	}
 	var actions []string
 	for _, a := range bc.Actions {
-		if name, file, ok := strings.Cut(a, "="); ok && name == "uefi-set" {
-			a = name + "=" + filepath.Join(dir, file)
+		name, arg, _ := strings.Cut(a, "=")
+		switch {
+		case name == "uefi-set":
+			a = name + "=" + filepath.Join(dir, arg)
+		case name == "fde-prepare-update" && (strings.HasPrefix(arg, "kernel:") || strings.HasPrefix(arg, "initrd:")):
+			what, file, _ := strings.Cut(arg, ":")
+			a = name + "=" + what + ":" + filepath.Join(dir, file)
 		}
 		actions = append(actions, a)
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/google/go-tpm/legacy/tpm2"
 	"github.com/google/go-tpm/tpmutil"
 
+	"github.com/svsm-e2e/svsm-e2e/firmware"
 	"github.com/svsm-e2e/svsm-e2e/svsm/uefivars"
 )
 
@@ -36,6 +37,9 @@ const ActionHelp = `Workload actions (--then, comma-separated, run in order afte
   uefi-get=NAME     report a variable (PK, KEK, db, dbx or GUID/NAME): size, SHA-256, entries
   data-write=TEXT   write TEXT as the record on the unlocked data disk (QEMU backend: dm-crypt)
   data-read         report the record on the unlocked data disk
+  fde-prepare-update=kernel:FILE | initrd:FILE | cmdline:TEXT
+                    before an OS update: re-seal the LUKS key to the PCRs the next boot will
+                    have with that component changed (no recovery passphrase needed)
   fde-reseal        re-seal the LUKS key to the current PCRs (needs the recovery passphrase)
   wait=DURATION     stay up for DURATION (Go syntax, at most 10m), e.g. while the host acts
   reboot            shut down cleanly and report a reboot request (must be last)
@@ -45,7 +49,7 @@ const ActionHelp = `Workload actions (--then, comma-separated, run in order afte
 type Action struct{ Name, Arg string }
 
 var actionArgs = map[string]bool{"nv-increment": false, "nv-read": false, "nv-write": true, "uefi-set": true, "uefi-get": true, "data-write": true, "data-read": false,
-	"fde-reseal": false, "wait": true, "reboot": false, "poweroff": false}
+	"fde-reseal": false, "fde-prepare-update": true, "wait": true, "reboot": false, "poweroff": false}
 
 // ParseActions parses the --then list.
 func ParseActions(s string) ([]Action, error) {
@@ -190,6 +194,40 @@ func (w *Workload) Run(ctx context.Context, a Action) (map[string]any, error) {
 			return nil, err
 		}
 		return map[string]any{"data": string(rec)}, nil
+	case "fde-prepare-update":
+		if w.FDE == nil {
+			return nil, errors.New("fde-prepare-update: no data disk")
+		}
+		what, arg, ok := strings.Cut(a.Arg, ":")
+		var pred map[int][]byte
+		switch {
+		case ok && what == "cmdline":
+			pred = firmware.PredictPCRs(nil, nil, &arg)
+		case ok && (what == "kernel" || what == "initrd"):
+			fi, err := os.Stat(arg)
+			if err != nil {
+				return nil, err
+			}
+			if fi.Size() > 512<<20 {
+				return nil, fmt.Errorf("%s: %d bytes is too large", arg, fi.Size())
+			}
+			b, err := os.ReadFile(arg)
+			if err != nil {
+				return nil, err
+			}
+			if what == "kernel" {
+				pred = firmware.PredictPCRs(b, nil, nil)
+			} else {
+				pred = firmware.PredictPCRs(nil, b, nil)
+			}
+		default:
+			return nil, fmt.Errorf("fde-prepare-update=%s: want kernel:FILE, initrd:FILE or cmdline:TEXT", a.Arg)
+		}
+		pcrs := []int{}
+		for p := range pred {
+			pcrs = append(pcrs, p)
+		}
+		return map[string]any{"predicted_pcrs": pcrs}, w.FDE.PrepareUpdate(ctx, pred)
 	case "fde-reseal":
 		if w.FDE == nil {
 			return nil, errors.New("fde-reseal: no data disk")

@@ -60,6 +60,8 @@ type FDE struct {
 	Open       bool
 	MapperName string
 	Emit       func(event, reason string, fields map[string]any)
+
+	unlockedWith []byte // the passphrase that opened the disk this boot
 }
 
 // ErrLocked means neither the TPM nor the recovery passphrase unlocked the disk.
@@ -92,6 +94,7 @@ func (f *FDE) Unlock(ctx context.Context) (string, error) {
 		if err := f.unlockWith(ctx, pass); err != nil {
 			return "", fmt.Errorf("TPM passphrase unsealed but LUKS refused it: %w", err)
 		}
+		f.unlockedWith = pass
 		f.Emit("fde-unlocked", "", map[string]any{"method": MethodTPM, "keyslot": tok.Keyslots[0]})
 		return MethodTPM, nil
 	}
@@ -102,6 +105,7 @@ func (f *FDE) Unlock(ctx context.Context) (string, error) {
 	if err := f.unlockWith(ctx, f.Recovery); err != nil {
 		return "", fmt.Errorf("%w: recovery passphrase refused: %v", ErrLocked, err)
 	}
+	f.unlockedWith = f.Recovery
 	f.Emit("fde-unlocked", "", map[string]any{"method": MethodRecovery})
 	return MethodRecovery, nil
 }
@@ -134,29 +138,36 @@ func (f *FDE) enroll(ctx context.Context) error {
 	if f.Recovery == nil {
 		return errors.New("first boot needs the recovery passphrase to add the TPM keyslot")
 	}
+	_, err := f.enrollWith(ctx, f.Recovery, client.SealOpts{Current: tpm2.PCRSelection{Hash: tpm2.AlgSHA256, PCRs: slices.Clone(PolicyPCRs)}}, "fde-enrolled")
+	return err
+}
+
+// enrollWith adds a new random passphrase, authorised by auth, sealed with opts, stores it
+// as the token and returns it.
+func (f *FDE) enrollWith(ctx context.Context, auth []byte, opts client.SealOpts, event string) ([]byte, error) {
 	raw := make([]byte, 32)
 	if _, err := rand.Read(raw); err != nil {
-		return err
+		return nil, err
 	}
 	pass := []byte(hex.EncodeToString(raw))
-	blob, err := f.seal(pass)
+	blob, err := f.seal(pass, opts)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	slot, err := f.Cryptsetup.AddKey(ctx, f.Device, f.Recovery, pass)
+	slot, err := f.Cryptsetup.AddKey(ctx, f.Device, auth, pass)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	tok := Token{Type: TokenType, Keyslots: []string{fmt.Sprint(slot)}, PCRs: PolicyPCRs, Bank: "sha256", Blob: blob}
 	j, err := json.Marshal(tok)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if err := f.Cryptsetup.ImportToken(ctx, f.Device, tokenID, j); err != nil {
-		return err
+		return nil, err
 	}
-	f.Emit("fde-enrolled", "", map[string]any{"keyslot": slot, "pcrs": PolicyPCRs})
-	return nil
+	f.Emit(event, "", map[string]any{"keyslot": slot, "pcrs": PolicyPCRs})
+	return pass, nil
 }
 
 // Reseal replaces the TPM keyslot with a new passphrase sealed to the PCR values the TPM
@@ -185,13 +196,55 @@ func (f *FDE) Reseal(ctx context.Context) error {
 	return nil
 }
 
-func (f *FDE) seal(secret []byte) ([]byte, error) {
+// PrepareUpdate re-seals before an OS update: a new passphrase sealed to the PCR values the
+// next boot will have (predicted for the changed PCRs, the current values for the others),
+// authorised by the passphrase that opened the disk this boot; the old TPM keyslot goes.
+func (f *FDE) PrepareUpdate(ctx context.Context, predicted map[int][]byte) error {
+	if f.unlockedWith == nil {
+		return errors.New("the data disk is not unlocked")
+	}
+	current, err := tpm2.ReadPCRs(f.TPM, tpm2.PCRSelection{Hash: tpm2.AlgSHA256, PCRs: slices.Clone(PolicyPCRs)})
+	if err != nil {
+		return fmt.Errorf("read PCRs: %w", err)
+	}
+	target := &pb.PCRs{Hash: pb.HashAlgo_SHA256, Pcrs: map[uint32][]byte{}}
+	for _, i := range PolicyPCRs {
+		v := current[i]
+		if p, ok := predicted[i]; ok {
+			v = p
+		}
+		target.Pcrs[uint32(i)] = v
+	}
+	md, err := f.Cryptsetup.Dump(ctx, f.Device)
+	if err != nil {
+		return err
+	}
+	old, err := findToken(md)
+	if err != nil {
+		return err
+	}
+	pass, err := f.enrollWith(ctx, f.unlockedWith, client.SealOpts{Target: target}, "fde-prepared")
+	if err != nil {
+		return err
+	}
+	if old != nil {
+		var n int
+		if _, err := fmt.Sscan(old.Keyslots[0], &n); err == nil {
+			if err := f.Cryptsetup.KillSlot(ctx, f.Device, n, pass); err != nil {
+				return fmt.Errorf("remove old TPM keyslot %d: %w", n, err)
+			}
+		}
+	}
+	return nil
+}
+
+func (f *FDE) seal(secret []byte, opts client.SealOpts) ([]byte, error) {
 	srk, err := client.StorageRootKeyECC(f.TPM)
 	if err != nil {
 		return nil, fmt.Errorf("SRK: %w", err)
 	}
 	defer srk.Close()
-	sb, err := srk.Seal(secret, client.SealOpts{Current: tpm2.PCRSelection{Hash: tpm2.AlgSHA256, PCRs: slices.Clone(PolicyPCRs)}})
+	sb, err := srk.Seal(secret, opts)
 	if err != nil {
 		return nil, fmt.Errorf("seal: %w", err)
 	}

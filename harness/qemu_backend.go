@@ -145,15 +145,25 @@ func (b *QEMUBackend) Start(ctx context.Context, vm *VM, o GuestOptions) (Instan
 		}
 		bc.UEFITemplate = "uefi-template.json"
 	}
+	// Actions that name host files get the files on the config disk.
 	for i, a := range o.Actions {
-		if name, path, ok := strings.Cut(a, "="); ok && name == "uefi-set" {
+		name, arg, _ := strings.Cut(a, "=")
+		prefix, path := "", ""
+		switch {
+		case name == "uefi-set":
+			path = arg
+		case name == "fde-prepare-update" && (strings.HasPrefix(arg, "kernel:") || strings.HasPrefix(arg, "initrd:")):
+			prefix, path, _ = strings.Cut(arg, ":")
+			prefix += ":"
+		}
+		if path != "" {
 			data, err := os.ReadFile(path)
 			if err != nil {
 				return nil, err
 			}
-			file := fmt.Sprintf("update-%d-%s", i, filepath.Base(path))
+			file := fmt.Sprintf("file-%d-%s", i, filepath.Base(path))
 			bc.Files[file] = data
-			a = name + "=" + file
+			a = name + "=" + prefix + file
 		}
 		bc.Actions = append(bc.Actions, a)
 	}

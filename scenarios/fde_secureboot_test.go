@@ -2,6 +2,8 @@ package scenarios
 
 import (
 	"crypto/sha256"
+	"os"
+	"path/filepath"
 	"time"
 
 	. "github.com/onsi/ginkgo/v2"
@@ -63,15 +65,27 @@ var _ = Describe("FDE unlock", Label("backend:process"), func() {
 		}, "7"),
 	)
 
-	It("OS self-update: unlock works after re-sealing to the new chain; an update without re-seal falls back", func() {
-		By("update the kernel without re-sealing: recovery path")
+	It("OS self-update: re-sealed to the predicted PCRs, the TPM unlocks after the update; without, recovery and re-seal", func() {
+		staged := filepath.Join(vm.Dir, "staged-kernel")
+		Expect(os.WriteFile(staged, []byte("kernel 2"), 0o644)).To(Succeed())
+		By("the OS stages kernel 2 and re-seals to the PCR values it will produce")
+		run := boot(vm, "fde-prepare-update=kernel:"+staged)
+		expectBooted(run)
+		Expect(action(run, "fde-prepare-update").Fields["ok"]).To(BeTrue())
+		event(run, "fde-prepared")
+		By("the update is installed and approved; the next boot unseals by itself")
 		Expect(vm.SetKernel([]byte("kernel 2"))).To(Succeed())
 		Expect(vm.UpdateLaunch(ctx(), true)).To(Succeed())
-		run := boot(vm, "fde-reseal")
+		run = boot(vm)
+		expectBooted(run)
+		noEvent(run, "fde-policy-failed")
+		Expect(event(run, "fde-unlocked").String("method")).To(Equal("tpm"))
+		By("an update without re-seal falls back to recovery; re-sealing then restores the TPM path")
+		Expect(vm.SetKernel([]byte("kernel 3"))).To(Succeed())
+		Expect(vm.UpdateLaunch(ctx(), true)).To(Succeed())
+		run = boot(vm, "fde-reseal")
 		expectBooted(run)
 		Expect(event(run, "fde-unlocked").String("method")).To(Equal("recovery"))
-		Expect(action(run, "fde-reseal").Fields["ok"]).To(BeTrue())
-		By("after the re-seal the new chain unseals by itself")
 		run = boot(vm)
 		expectBooted(run)
 		Expect(event(run, "fde-unlocked").String("method")).To(Equal("tpm"))

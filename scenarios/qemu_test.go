@@ -112,6 +112,22 @@ var _ = Describe("QEMU", Label("backend:qemu", "slow"), func() {
 		Expect(hasAudit(auditAfter(s, vm.Registration, n), "release", verifier.Deny, "boot_request")).To(BeTrue())
 	})
 
+	It("OS self-update of the command line: re-sealed to the predicted PCR 8, unlocked by the TPM after it", func() {
+		expectBooted(boot(vm, "data-write=kept"))
+		newCmdline := vm.Cmdline + " audit=1"
+		full := qemuBackend.Cmdline(newCmdline)
+		run := boot(vm, "fde-prepare-update=cmdline:"+full)
+		expectBooted(run)
+		Expect(action(run, "fde-prepare-update").Fields["ok"]).To(BeTrue())
+		vm.Cmdline = newCmdline
+		Expect(vm.UpdateLaunch(ctx(), true)).To(Succeed())
+		run = boot(vm, "data-read")
+		expectBooted(run)
+		noEvent(run, "fde-policy-failed")
+		Expect(event(run, "fde-unlocked").String("method")).To(Equal("tpm"))
+		Expect(action(run, "data-read").String("data")).To(Equal("kept"))
+	})
+
 	It("FDE negative: a changed command line fails the PCR policy; recovery opens the disk with dm-crypt", func() {
 		expectBooted(boot(vm, "data-write=kept"))
 		vm.Cmdline += " init=/bin/sh"
