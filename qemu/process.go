@@ -183,3 +183,40 @@ func (p *Process) Close() {
 		_ = mon.Disconnect()
 	}
 }
+
+// Status returns QMP query-status's "status" (running, paused, shutdown, ...). A guest that
+// stalls under an unusable accelerator shows up here as paused or internal-error.
+func (p *Process) Status(ctx context.Context) (string, error) {
+	raw, err := p.Command(ctx, "query-status", 10*time.Second)
+	if err != nil {
+		return "", err
+	}
+	var r struct {
+		Return struct {
+			Status string `json:"status"`
+		} `json:"return"`
+	}
+	if err := json.Unmarshal(raw, &r); err != nil {
+		return "", fmt.Errorf("query-status: %w", err)
+	}
+	return r.Return.Status, nil
+}
+
+// Quit asks QEMU to exit over QMP and waits (bounded); QEMU is killed if it does not go.
+func (p *Process) Quit(ctx context.Context) error {
+	if _, err := p.Command(ctx, "quit", 10*time.Second); err != nil {
+		select {
+		case <-p.done: // QEMU may close the monitor before answering
+			return nil
+		default:
+			return err
+		}
+	}
+	select {
+	case <-p.done:
+		return nil
+	case <-time.After(30 * time.Second):
+		p.Kill()
+		return errors.New("QEMU did not exit within 30 s of quit; killed")
+	}
+}

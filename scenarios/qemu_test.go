@@ -43,7 +43,7 @@ var _ = Describe("QEMU", Label("backend:qemu", "slow"), func() {
 		Expect(view(vm).Counter).To(Equal(uint64(2)))
 	})
 
-	It("QMP reset mid-run, then stop + start: nothing lost, counter consistent", func() {
+	It("QMP status and reset mid-run, QMP quit, stop + start: nothing lost, counter consistent", func() {
 		expectBooted(boot(vm, "data-write=before reset"))
 		inst, err := vm.Start(ctx(), harness.BootOptions{Control: true})
 		Expect(err).NotTo(HaveOccurred())
@@ -55,6 +55,7 @@ var _ = Describe("QEMU", Label("backend:qemu", "slow"), func() {
 		Expect(num(ev, "nv_counter")).To(Equal(uint64(1)))
 		q, ok := inst.Instance.(*harness.QEMUInstance)
 		Expect(ok).To(BeTrue())
+		Expect(q.Proc.Status(ctx())).To(Equal("running"))
 		Expect(q.Reset(ctx())).To(Succeed())
 		run, err := inst.Wait(ctx())
 		Expect(err).NotTo(HaveOccurred())
@@ -66,8 +67,17 @@ var _ = Describe("QEMU", Label("backend:qemu", "slow"), func() {
 		expectBooted(run)
 		Expect(action(run, "data-read").String("data")).To(Equal("before reset"))
 		Expect(num(event(run, "confirmed"), "counter")).To(Equal(view(vm).Counter))
-		By("start again later")
-		expectBooted(boot(vm))
+		By("a hard stop over QMP (quit), then start again later")
+		r2, err := vm.Start(ctx(), harness.BootOptions{Control: true})
+		Expect(err).NotTo(HaveOccurred())
+		_, err = r2.WaitForEvent(ctx(), 2*time.Minute, func(e protocol.Event) bool { return e.Event == "control-ready" })
+		Expect(err).NotTo(HaveOccurred())
+		Expect(r2.Instance.(*harness.QEMUInstance).Proc.Quit(ctx())).To(Succeed())
+		_, err = r2.Wait(ctx())
+		Expect(err).NotTo(HaveOccurred())
+		run = boot(vm, "data-read")
+		expectBooted(run)
+		Expect(action(run, "data-read").String("data")).To(Equal("before reset"))
 	})
 
 	It("refuses a rolled-back state disk", Label("attack"), func() {
