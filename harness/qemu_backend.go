@@ -95,6 +95,9 @@ func (b *QEMUBackend) Cmdline(vmCmdline string) string {
 	return base + " " + vmCmdline
 }
 
+// BootMarkerTimeout bounds the wait for a VM's first event (about 5 s under TCG here).
+const BootMarkerTimeout = 90 * time.Second
+
 // QEMUInstance is one boot in one QEMU process.
 type QEMUInstance struct {
 	*eventStream
@@ -232,6 +235,19 @@ func (b *QEMUBackend) Start(ctx context.Context, vm *VM, o GuestOptions) (Instan
 		}
 		close(conns)
 	}()
+	// A guest that never prints its first event within the bound is stuck (an accelerator
+	// that cannot run it stalls instead of failing): kill it and say so.
+	var markerMu sync.Mutex
+	var noMarker error
+	go func() {
+		_, err := inst.WaitForEvent(context.Background(), BootMarkerTimeout, func(protocol.Event) bool { return true })
+		if err != nil && !inst.isDone() {
+			markerMu.Lock()
+			noMarker = fmt.Errorf("no boot marker (first guest event) within %s under %s (%s); QEMU killed", BootMarkerTimeout, b.Choice.Accel, b.Choice.Reason)
+			markerMu.Unlock()
+			p.Kill()
+		}
+	}()
 	go func() {
 		timer := time.NewTimer(o.Timeout)
 		defer timer.Stop()
@@ -262,6 +278,11 @@ func (b *QEMUBackend) Start(ctx context.Context, vm *VM, o GuestOptions) (Instan
 		}
 		p.Close()
 		qerr := p.Exit()
+		markerMu.Lock()
+		if noMarker != nil && waitErr == nil {
+			waitErr = noMarker
+		}
+		markerMu.Unlock()
 		inst.finish(qemuExitCode(inst.Events(), qerr), p.Stderr(), waitErr)
 	}()
 	return inst, nil
