@@ -25,7 +25,7 @@ vet:
 	$(GO) vet ./...
 
 # Every test: unit tests, fuzz seed corpora and integration tests (with the race detector),
-# then the Ginkgo scenario suite in parallel against the built binaries.
+# then the Ginkgo scenario suite in parallel (also with -race) against the built binaries.
 test: deps vet build
 	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /scenarios$$)
 	$(MAKE) --no-print-directory scenarios
@@ -36,7 +36,7 @@ LABELS ?=
 FOCUS ?=
 JUNIT ?=
 scenarios: build
-	SVSM_E2E_BIN=$(CURDIR)/$(BIN) $(GO) tool ginkgo -p --timeout 60m \
+	SVSM_E2E_BIN=$(CURDIR)/$(BIN) $(GO) tool ginkgo -p -race --timeout 60m \
 	  $(if $(LABELS),--label-filter '$(LABELS)') $(if $(FOCUS),--focus '$(FOCUS)') \
 	  $(if $(JUNIT),--junit-report $(abspath $(JUNIT))) ./scenarios
 

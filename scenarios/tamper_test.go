@@ -1,6 +1,8 @@
 package scenarios
 
 import (
+	"fmt"
+
 	. "github.com/onsi/ginkgo/v2"
 	. "github.com/onsi/gomega"
 
@@ -74,6 +76,39 @@ var _ = Describe("Tamper", Label("backend:process", "attack"), func() {
 		// Slot B is gone entirely (an absent slot is empty, not damaged); slot A is named.
 		Entry("truncated inside slot A", func() { Expect(vm.Truncate(slotA + 200)).To(Succeed()) }, 1),
 	)
+})
+
+var _ = Describe("Random tampering (seeded)", Label("backend:process", "attack"), func() {
+	It("random byte flips never crash the guest and never yield modified state", func() {
+		s := newStack()
+		vm := newVM(s, harness.VMOptions{Name: "vm"})
+		expectBooted(boot(vm, "nv-write=kept"))
+		Expect(vm.Snapshot("good")).To(Succeed())
+		size, err := vm.StateDiskSize()
+		Expect(err).NotTo(HaveOccurred())
+		r := s.Rand() // the spec's seed (report entry "seed") decides every offset
+		for i := range 6 {
+			Expect(vm.Restore("good")).To(Succeed())
+			var offsets []int64
+			for range 1 + r.IntN(3) {
+				slot := int64(r.IntN(2)) * statestore.SlotSize
+				limit := min(size-slot, int64(statestore.HeaderSize+20000))
+				off := slot + r.Int64N(limit)
+				offsets = append(offsets, off)
+				Expect(vm.Corrupt(off, byte(1+r.IntN(255)))).To(Succeed())
+			}
+			run := boot(vm, "nv-read")
+			By(fmt.Sprintf("round %d: flipped %#x → exit %d", i, offsets, run.ExitCode))
+			Expect(run.ExitCode).To(BeElementOf(0, 1), "the guest must boot or fail closed, never crash:\n%s", run.Stdout)
+			if run.ExitCode == 0 {
+				Expect(action(run, "nv-read").String("nv_data")).To(Equal("kept"))
+				// The boot advanced the counter: its disk is the new good state.
+				Expect(vm.Snapshot("good")).To(Succeed())
+			} else {
+				Expect(run.Last().Reason).To(Equal("state-corrupt"))
+			}
+		}
+	})
 })
 
 var _ = Describe("Swap", Label("backend:process", "attack"), func() {
