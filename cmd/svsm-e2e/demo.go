@@ -116,13 +116,13 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries, backend
 		return err
 	}
 	var vm *harness.VM
-	if err := d.step("host", "launch VM 'demo', register it (secret v1), make a LUKS2 data disk and Secure Boot keys", func() (string, error) {
+	if err := d.step("host", "build the IGVM launch image, launch VM 'demo', register its digest, make a LUKS2 disk and Secure Boot keys", func() (string, error) {
 		var err error
 		vm, err = s.NewVM(ctx, harness.VMOptions{Name: "demo"})
 		if err != nil {
 			return "", err
 		}
-		return "LUKS2 data disk with a recovery keyslot only; PK/KEK/db template for first boot", nil
+		return fmt.Sprintf("launch digest %x…; LUKS2 disk with a recovery keyslot only; PK/KEK/db template", vm.Measurement[:8]), nil
 	}); err != nil {
 		return err
 	}
