@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -38,7 +39,7 @@ func decodeHexFlag(name, s string, size int) ([]byte, error) {
 }
 
 func hostUpCmd() *cobra.Command {
-	var workdir, vm, measurement, hostData, secretMode, binDir string
+	var workdir, vm, measurement, hostData, secretMode, binDir, igvmFile string
 	cmd := &cobra.Command{
 		Use:   "up",
 		Short: "Start fakesnp, svsm-verifier and svsm-proxy; register the VM; prime one boot; write DIR/host.json",
@@ -51,6 +52,14 @@ state key, as upstream COCONUT-SVSM expects.`,
 			meas, err := decodeHexFlag("measurement", measurement, 48)
 			if err != nil {
 				return err
+			}
+			if igvmFile != "" {
+				if measurement != "" {
+					return errors.New("give --measurement or --igvm, not both")
+				}
+				if meas, err = igvmDigest(igvmFile); err != nil {
+					return err
+				}
 			}
 			hd, err := decodeHexFlag("host-data", hostData, 32)
 			if err != nil {
@@ -115,6 +124,7 @@ state key, as upstream COCONUT-SVSM expects.`,
 	f.StringVar(&workdir, "workdir", "", "directory for state, sockets, logs and host.json (required)")
 	f.StringVar(&vm, "vm", "vm0", "VM name")
 	f.StringVar(&measurement, "measurement", "", "launch digest, 96 hex digits (default: SHA-384 of \"svsm-e2e default launch\")")
+	f.StringVar(&igvmFile, "igvm", "", "IGVM launch image: its SNP launch digest becomes the measurement")
 	f.StringVar(&hostData, "host-data", "", "HOST_DATA, 64 hex digits (default: SHA-256 of the VM name)")
 	f.StringVar(&secretMode, "secret-mode", protocol.SecretModeV1, "raw (32-byte state key) or v1 (with freshness data)")
 	f.StringVar(&binDir, "bin-dir", "", "where fakesnp, svsm-verifier and svsm-proxy are (default: beside svsm-e2e, then PATH)")
