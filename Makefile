@@ -5,7 +5,7 @@ BACKEND ?= process
 GO ?= go
 BIN := bin
 
-.PHONY: all deps build test scenarios images fuzz bench demo vet clean
+.PHONY: all deps build test scenarios images fixtures fuzz bench demo vet clean
 
 all: build
 
@@ -56,6 +56,10 @@ bench: deps build
 
 demo: deps build
 	$(BIN)/svsm-e2e demo --backend $(BACKEND) --workdir $(CURDIR)/demo-work
+
+# Regenerate the IGVM golden vectors with the independent implementation (fixtures/igvm).
+fixtures:
+	python3 fixtures/igvm/measure.py --make-vectors fixtures/igvm
 
 # The QEMU guest image (kernel from apt, initramfs with the static svsm-guest as /init), in
 # $$SVSM_E2E_IMAGES or ~/.cache/svsm-e2e/images; rebuilt only when its inputs change.
