@@ -159,3 +159,24 @@ var _ = Describe("Clone", Label("backend:process", "attack"), func() {
 		Expect(action(run, "nv-read").String("nv_data")).To(Equal("v2"))
 	})
 })
+
+var _ = Describe("Raw secret mode (upstream-compatible)", Label("backend:process", "attack", "known-limitation"), func() {
+	It("boots and persists, but cannot see a rollback: the old disk boots", func() {
+		s := newStack()
+		vm := newVM(s, harness.VMOptions{Name: "vm", SecretMode: protocol.SecretModeRaw})
+		run := boot(vm, "nv-increment")
+		expectBooted(run)
+		Expect(event(run, "attested").String("secret_mode")).To(Equal("raw"))
+		noEvent(run, "confirmed")
+		for _, h := range headers(vm) {
+			Expect(h.Counter).To(BeZero(), "raw mode keeps no counter")
+		}
+		Expect(vm.Snapshot("old")).To(Succeed())
+		expectBooted(boot(vm, "nv-increment"))
+		Expect(vm.Restore("old")).To(Succeed())
+		run = boot(vm, "nv-read")
+		expectBooted(run)
+		Expect(num(action(run, "nv-read"), "nv_counter")).To(Equal(uint64(1)),
+			"raw mode now detects rollback: update SCENARIOS.md and this spec")
+	})
+})
