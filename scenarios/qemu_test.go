@@ -80,6 +80,18 @@ var _ = Describe("QEMU", Label("backend:qemu", "slow"), func() {
 		Expect(action(run, "data-read").String("data")).To(Equal("before reset"))
 	})
 
+	It("a power cut right after the advanced counter is written: the next boot accepts it and confirms", func() {
+		expectBooted(boot(vm, "data-write=before"))
+		run := bootWith(vm, harness.BootOptions{CrashAfter: "state-written=advance"})
+		Expect(run.ExitCode).NotTo(Equal(0))
+		Expect(run.Last().Event).To(Equal("state-written"), "the VM went down at the crash point")
+		noEvent(run, "confirmed")
+		run = boot(vm, "data-read")
+		expectBooted(run)
+		Expect(action(run, "data-read").String("data")).To(Equal("before"))
+		Expect(num(event(run, "confirmed"), "counter")).To(Equal(view(vm).Counter))
+	})
+
 	It("refuses a rolled-back state disk", Label("attack"), func() {
 		expectBooted(boot(vm))
 		Expect(vm.Snapshot("old")).To(Succeed())
