@@ -93,10 +93,10 @@ first boot. Events go to stdout, one per line: SVSM-E2E-EVENT {"event":..,"layer
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&hostJSON, "host-json", "", "host.json written by `svsm-e2e host up`")
+	f.StringVar(&hostJSON, "host-json", "", "host.json written by svsm-e2e host up (PROTOCOLS.md §6)")
 	f.StringVar(&cfg.StateDisk, "state-disk", "", "state disk image (created on first boot)")
 	f.StringVar(&cfg.DataDisk, "data-disk", "", "LUKS2 data disk image to unlock")
-	f.StringVar(&then, "then", "", "comma-separated workload actions (see below)")
+	f.StringVar(&then, "then", "", "comma-separated workload actions (listed above)")
 	f.StringVar(&recoveryFile, "recovery-passphrase-file", "", "LUKS recovery passphrase (what a user would type)")
 	f.StringVar(&cfg.Kernel, "kernel", "", "kernel file the firmware measures (default: this executable)")
 	f.StringVar(&cfg.Initrd, "initrd", "", "initrd file the firmware measures")

@@ -219,7 +219,7 @@ func vmCmd() *cobra.Command {
 			}
 			return c.SetMeasurements(ctx, name, ms)
 		})
-	setMeasurements.Flags().StringSliceVar(&allowed, "measurement", nil, "allowed launch digest, 96 hex digits (repeatable); `svsm-e2e measure FILE.igvm` prints one")
+	setMeasurements.Flags().StringSliceVar(&allowed, "measurement", nil, "allowed launch digest, 96 hex digits (repeatable); svsm-e2e measure FILE.igvm prints one")
 	_ = setMeasurements.MarkFlagRequired("measurement")
 	cmd.AddCommand(register, show, prime, setMeasurements)
 	return cmd
