@@ -158,7 +158,7 @@ func hostPrimeCmd() *cobra.Command {
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&workdir, "workdir", "", "the directory given to `host up` (required)")
+	cmd.Flags().StringVar(&workdir, "workdir", "", "the directory given to host up (required)")
 	_ = cmd.MarkFlagRequired("workdir")
 	return cmd
 }
