@@ -100,3 +100,15 @@ func (r *Running) Command(ctx context.Context, action string, timeout time.Durat
 		return e.Event == "action" && err == nil && n == uint64(seq)
 	})
 }
+
+// Stop ends the boot: a clean power-off through the control channel when the boot has one,
+// otherwise a power cut (Kill). It returns what the guest printed.
+func (r *Running) Stop(ctx context.Context) (*GuestRun, error) {
+	if r.ctl != nil {
+		if _, err := r.Command(ctx, "poweroff", 30*time.Second); err == nil {
+			return r.Wait(ctx)
+		}
+	}
+	r.Kill()
+	return r.Wait(ctx)
+}

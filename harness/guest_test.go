@@ -243,12 +243,16 @@ func TestGuestWorkloadOverControlChannel(t *testing.T) {
 	if ev, err := r.Command(ctx, "no-such-action", 30*time.Second); err != nil || ev.Fields["ok"] != false {
 		t.Fatalf("unknown command: %+v %v", ev, err)
 	}
-	if _, err := r.Command(ctx, "poweroff", 30*time.Second); err != nil {
-		t.Fatal(err)
-	}
-	run, err := r.Wait(ctx)
+	// Reboot: a clean power-off through the channel, then a new boot that sees the counter.
+	run, err := vm.Reboot(ctx, r, harness.BootOptions{Actions: []string{"nv-read"}})
 	must(t, err)
 	wantOK(t, run)
+	if uintField(t, action(t, run, "nv-read"), "nv_counter") != 3 {
+		t.Fatalf("after reboot: %+v", action(t, run, "nv-read"))
+	}
+	if runs := len(r.Events()); runs == 0 {
+		t.Fatal("the first boot printed nothing")
+	}
 }
 
 // TestGuestBinaryNVBridge checks the shipped svsm-guest itself: the simulator's s_NV in the

@@ -227,6 +227,17 @@ func (v *VM) Start(ctx context.Context, o BootOptions) (*Running, error) {
 	return &Running{Instance: inst, ctl: ctl}, nil
 }
 
+// Reboot ends the VM's running boot, if any (Stop), and boots it again with a new boot
+// request unless o.NoPrime.
+func (v *VM) Reboot(ctx context.Context, running *Running, o BootOptions) (*GuestRun, error) {
+	if running != nil {
+		if _, err := running.Stop(ctx); err != nil {
+			return nil, fmt.Errorf("stop %s: %w", v.Name, err)
+		}
+	}
+	return v.Boot(ctx, o)
+}
+
 // Boot starts the VM and waits for the boot to end.
 func (v *VM) Boot(ctx context.Context, o BootOptions) (*GuestRun, error) {
 	inst, err := v.Start(ctx, o)
