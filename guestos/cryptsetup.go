@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -62,15 +61,6 @@ func (c Cryptsetup) run(ctx context.Context, stdin []byte, extra []byte, args ..
 		return out.Bytes(), fmt.Errorf("cryptsetup %s: %w: %s", args[0], err, bytes.TrimSpace(errb.Bytes()))
 	}
 	return out.Bytes(), nil
-}
-
-// ExitCode returns cryptsetup's exit status in err, or -1.
-func ExitCode(err error) int {
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		return ee.ExitCode()
-	}
-	return -1
 }
 
 // TestPassphrase checks a passphrase without device-mapper.

@@ -304,9 +304,6 @@ func StartGuest(ctx context.Context, bin string, o GuestOptions) (*GuestProcess,
 	return g, nil
 }
 
-// PID is the guest's process id.
-func (g *GuestProcess) PID() int { return g.cmd.Process.Pid }
-
 // Kill stops the guest with SIGKILL (a power cut) and waits for it.
 func (g *GuestProcess) Kill() {
 	_ = g.cmd.Process.Kill()
@@ -316,15 +313,6 @@ func (g *GuestProcess) Kill() {
 // Wait waits for the guest to exit and returns what it printed.
 func (g *GuestProcess) Wait(ctx context.Context) (*GuestRun, error) {
 	return g.result(ctx, g.Kill)
-}
-
-// RunGuest runs svsm-guest once to the end.
-func RunGuest(ctx context.Context, bin string, o GuestOptions) (*GuestRun, error) {
-	g, err := StartGuest(ctx, bin, o)
-	if err != nil {
-		return nil, err
-	}
-	return g.Wait(ctx)
 }
 
 type lockedWriter struct {

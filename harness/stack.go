@@ -99,12 +99,6 @@ func (s *Stack) Seed() uint64 { return s.opts.Seed }
 // without the caller's own locking).
 func (s *Stack) Rand() *rand.Rand { return s.rng }
 
-// WorkDir is the stack's directory (the artifact bundle).
-func (s *Stack) WorkDir() string { return s.opts.WorkDir }
-
-// BackendName names the backend running the VMs.
-func (s *Stack) BackendName() string { return s.backend.Name() }
-
 // Close stops the host side.
 func (s *Stack) Close() error { return s.Host.Stop() }
 

@@ -60,7 +60,6 @@ type VM struct {
 	stack       *Stack
 	hj          *protocol.HostJSON
 	boots       int
-	last        Instance
 	launchCache *launchedFiles
 }
 
@@ -216,7 +215,6 @@ func (v *VM) Start(ctx context.Context, o BootOptions) (*Running, error) {
 		}
 		return nil, err
 	}
-	v.last = inst
 	go func() {
 		_, _ = inst.Wait(context.WithoutCancel(ctx))
 		console.Close()
@@ -383,7 +381,7 @@ func (v *VM) SetFaults(ctx context.Context, f fakesnp.Faults) error {
 // copies of both disks, its own directory.
 func (s *Stack) Clone(v *VM, name string) (*VM, error) {
 	c := *v
-	c.Name, c.Dir, c.boots, c.last = name, filepath.Join(s.opts.WorkDir, "vms", name), 0, nil
+	c.Name, c.Dir, c.boots = name, filepath.Join(s.opts.WorkDir, "vms", name), 0
 	if err := os.MkdirAll(filepath.Join(c.Dir, "steps"), 0o755); err != nil {
 		return nil, err
 	}

@@ -117,7 +117,7 @@ func BuildInitramfs(ctx context.Context, s *InitramfsSpec, out string) error {
 	c.File("init", 0o755, init)
 	var order []string
 	for _, m := range s.Modules {
-		b, err := moduleBytes(m)
+		b, err := os.ReadFile(m.Path) // Debian 12 ships modules uncompressed
 		if err != nil {
 			return err
 		}

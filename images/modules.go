@@ -4,7 +4,6 @@ import (
 	"debug/elf"
 	"fmt"
 	"io/fs"
-	"os"
 	"path/filepath"
 	"strings"
 )
@@ -98,6 +97,3 @@ func moduleDepends(path string) ([]string, error) {
 	}
 	return nil, nil
 }
-
-// moduleBytes reads a module file (Debian 12 ships them uncompressed).
-func moduleBytes(m Module) ([]byte, error) { return os.ReadFile(m.Path) }

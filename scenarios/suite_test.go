@@ -139,7 +139,7 @@ func newStackWith(backend harness.Backend) *harness.Stack {
 	defer cancel()
 	s, err := harness.NewStack(ctx, harness.StackOptions{WorkDir: dir, Binaries: bins, CADir: suite.CADir, Seed: seed, Backend: backend})
 	Expect(err).NotTo(HaveOccurred())
-	AddReportEntry("seed", seed)
+	AddReportEntry("seed", s.Seed())
 	DeferCleanup(func() {
 		failed := CurrentSpecReport().Failed()
 		if failed {

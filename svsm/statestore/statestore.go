@@ -277,9 +277,6 @@ func (s *Store) aad(h []byte) []byte {
 	return append(a, s.vmID[:]...)
 }
 
-// Newest returns the slot and generation of the newest valid state (-1, 0 when none).
-func (s *Store) Newest() (slot int, generation uint64) { return s.newest, s.gen }
-
 // Write stores body with counter as the next generation, in the slot that does not hold the
 // newest one, and syncs the device before returning. On error the newest generation on
 // disk is unchanged.

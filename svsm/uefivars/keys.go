@@ -7,10 +7,8 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
 	"math/big"
-	"os"
 	"time"
 )
 
@@ -56,56 +54,14 @@ func (k *Key) Signature(owner GUID) Signature {
 	return Signature{Type: CertX509, Owner: owner, Data: k.Cert.Raw}
 }
 
-// WriteFiles stores the key as PEM: DIR/NAME.crt and DIR/NAME.key.
-func (k *Key) WriteFiles(dir, name string) error {
-	keyDER, err := x509.MarshalPKCS8PrivateKey(k.Signer)
-	if err != nil {
-		return err
-	}
-	if err := os.WriteFile(dir+"/"+name+".crt", pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: k.Cert.Raw}), 0o644); err != nil {
-		return err
-	}
-	return os.WriteFile(dir+"/"+name+".key", pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600)
-}
-
-// ReadKeyFiles loads a key written by WriteFiles.
-func ReadKeyFiles(dir, name string) (*Key, error) {
-	cb, err := os.ReadFile(dir + "/" + name + ".crt")
-	if err != nil {
-		return nil, err
-	}
-	kb, err := os.ReadFile(dir + "/" + name + ".key")
-	if err != nil {
-		return nil, err
-	}
-	cp, _ := pem.Decode(cb)
-	kp, _ := pem.Decode(kb)
-	if cp == nil || kp == nil {
-		return nil, fmt.Errorf("%s/%s: not PEM", dir, name)
-	}
-	cert, err := x509.ParseCertificate(cp.Bytes)
-	if err != nil {
-		return nil, err
-	}
-	priv, err := x509.ParsePKCS8PrivateKey(kp.Bytes)
-	if err != nil {
-		return nil, err
-	}
-	signer, ok := priv.(crypto.Signer)
-	if !ok {
-		return nil, fmt.Errorf("%s/%s: key cannot sign", dir, name)
-	}
-	return &Key{Cert: cert, Signer: signer}, nil
-}
-
 // Update is one SetVariable call prepared ahead of time: a template entry for first-boot
 // enrollment, or a signed db/dbx update the OS applies. Its JSON form is what
 // `svsm-guest run --uefi-template` and the uefi-set action read.
 type Update struct {
-	GUID       GUID       `json:"-"`
-	Name       string     `json:"name"`
-	Attributes Attributes `json:"attributes"`
-	Payload    []byte     `json:"payload"` // base64 in JSON
+	GUID       GUID
+	Name       string
+	Attributes Attributes
+	Payload    []byte // base64 in JSON
 }
 
 type updateJSON struct {
