@@ -14,11 +14,14 @@ import (
 // Client drives a fakesnp's admin API (the host's side: what to launch, which faults).
 type Client struct {
 	BaseURL string
-	HTTP    *http.Client
+	// Token is the admin bearer token (fakesnp's StateDir/admin.token).
+	Token string
+	HTTP  *http.Client
 }
 
 func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
-	if err := jsonhttp.Do(ctx, c.HTTP, method, c.BaseURL+path, nil, in, out); err != nil {
+	h := http.Header{"Authorization": {"Bearer " + c.Token}}
+	if err := jsonhttp.Do(ctx, c.HTTP, method, c.BaseURL+path, h, in, out); err != nil {
 		return fmt.Errorf("fakesnp: %w", err)
 	}
 	return nil

@@ -18,6 +18,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -26,6 +27,7 @@ import (
 
 	"github.com/google/go-sev-guest/kds"
 
+	"github.com/svsm-e2e/svsm-e2e/internal/admintoken"
 	"github.com/svsm-e2e/svsm-e2e/internal/atomicfile"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 )
@@ -38,7 +40,10 @@ type Options struct {
 	RSABits int
 	// IdleTimeout closes a guest channel with no request for this long (default 10 min).
 	IdleTimeout time.Duration
-	Logger      *slog.Logger
+	// SocketDir is the one directory launch sockets may live in (default StateDir/launches).
+	// A launch names its socket by file name; an absolute path must be in this directory.
+	SocketDir string
+	Logger    *slog.Logger
 }
 
 // Server is a running simulated AMD-SP.
@@ -46,6 +51,7 @@ type Server struct {
 	opts     Options
 	log      *slog.Logger
 	ca       *CA
+	token    string // admin API bearer token (StateDir/admin.token)
 	mu       sync.Mutex
 	chips    map[string]*Chip
 	launches map[string]*launch
@@ -73,11 +79,22 @@ func New(opts Options) (*Server, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	if opts.SocketDir == "" {
+		opts.SocketDir = filepath.Join(opts.StateDir, "launches")
+	}
+	opts.SocketDir = filepath.Clean(opts.SocketDir)
+	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("fakesnp: %w", err)
+	}
+	token, err := admintoken.LoadOrCreate(filepath.Join(opts.StateDir, "admin.token"))
+	if err != nil {
+		return nil, fmt.Errorf("fakesnp: %w", err)
+	}
 	ca, err := LoadOrCreateCA(CAOptions{Dir: filepath.Join(opts.StateDir, "ca"), RSABits: opts.RSABits})
 	if err != nil {
 		return nil, fmt.Errorf("fakesnp: %w", err)
 	}
-	s := &Server{opts: opts, log: opts.Logger, ca: ca, chips: map[string]*Chip{}, launches: map[string]*launch{}}
+	s := &Server{opts: opts, log: opts.Logger, ca: ca, token: token, chips: map[string]*Chip{}, launches: map[string]*launch{}}
 	specs, err := s.loadRegistry()
 	if err != nil {
 		return nil, err
@@ -142,13 +159,17 @@ func (s *Server) AddLaunch(spec LaunchSpec) (*LaunchInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	if spec.Socket == "" {
-		spec.Socket = filepath.Join(s.opts.StateDir, "launches", spec.Name+".sock")
+	sock, err := s.socketPath(spec)
+	if err != nil {
+		return nil, err
 	}
-	if err := os.MkdirAll(filepath.Dir(spec.Socket), 0o700); err != nil {
+	spec.Socket = sock
+	if err := os.MkdirAll(s.opts.SocketDir, 0o700); err != nil {
 		return nil, fmt.Errorf("launch %s: %w", spec.Name, err)
 	}
-	_ = os.Remove(spec.Socket) // a stale socket from a previous run
+	if err := removeSocket(sock); err != nil { // a stale socket from a previous run, nothing else
+		return nil, fmt.Errorf("launch %s: %w", spec.Name, err)
+	}
 	ln, err := net.Listen("unix", spec.Socket)
 	if err != nil {
 		return nil, fmt.Errorf("launch %s: listen: %w", spec.Name, err)
@@ -197,6 +218,42 @@ func (s *Server) SetFaults(name string, f Faults) error {
 	return s.saveRegistryLocked()
 }
 
+// socketPath confines a launch's socket to the socket directory: a caller of the admin API
+// names a file there, never a path elsewhere on the machine.
+func (s *Server) socketPath(spec LaunchSpec) (string, error) {
+	name := spec.Socket
+	switch {
+	case name == "":
+		name = spec.Name + ".sock"
+	case filepath.IsAbs(name):
+		if filepath.Dir(filepath.Clean(name)) != s.opts.SocketDir {
+			return "", fmt.Errorf("launch %s: socket %s is outside fakesnp's socket directory %s", spec.Name, name, s.opts.SocketDir)
+		}
+		name = filepath.Base(name)
+	}
+	if !socketNameRE.MatchString(name) {
+		return "", fmt.Errorf("launch %s: socket name %q: want a file name matching %s", spec.Name, name, socketNameRE)
+	}
+	return filepath.Join(s.opts.SocketDir, name), nil
+}
+
+var socketNameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\.sock$`)
+
+// removeSocket removes path if it is a unix socket; anything else there is an error, and a
+// missing file is fine. fakesnp never removes what is not a socket.
+func removeSocket(path string) error {
+	fi, err := os.Lstat(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return nil
+	case err != nil:
+		return err
+	case fi.Mode().Type() != os.ModeSocket:
+		return fmt.Errorf("%s exists and is not a socket: refusing to replace it", path)
+	}
+	return os.Remove(path)
+}
+
 // RemoveLaunch closes a launch's channel and forgets it.
 func (s *Server) RemoveLaunch(name string) error {
 	s.mu.Lock()
@@ -213,7 +270,9 @@ func (s *Server) RemoveLaunch(name string) error {
 	if !ok {
 		return fmt.Errorf("launch %s: %w", name, os.ErrNotExist)
 	}
-	_ = os.Remove(l.spec.Socket)
+	if rerr := removeSocket(l.spec.Socket); rerr != nil {
+		s.log.Warn("launch socket not removed", "launch", name, "err", rerr)
+	}
 	return err
 }
 
@@ -338,10 +397,22 @@ func (s *Server) serveConn(l *launch, c net.Conn) {
 //	GET  /admin/v1/launches/{name}       DELETE /admin/v1/launches/{name}
 //	PUT  /admin/v1/launches/{name}/faults (Faults)
 //	POST /admin/v1/chips/{name}          (creates the chip if needed, returns ChipInfo)
+//
+// The KDS endpoints are public, as AMD's are; the admin API needs the bearer token in
+// StateDir/admin.token, like the verifier's: whoever may launch VMs and set faults is the
+// owner, not anybody who can reach the port.
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /vcek/v1/{product}/{hwid}", s.handleKDS)
-	mux.HandleFunc("GET /admin/v1/launches", func(w http.ResponseWriter, r *http.Request) {
+	admin := http.NewServeMux()
+	mux.Handle("/admin/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !admintoken.Valid(r, s.token) {
+			httpError(w, http.StatusUnauthorized, errors.New("missing or wrong admin bearer token (fakesnp's state dir, admin.token)"))
+			return
+		}
+		admin.ServeHTTP(w, r)
+	}))
+	admin.HandleFunc("GET /admin/v1/launches", func(w http.ResponseWriter, r *http.Request) {
 		s.mu.Lock()
 		out := []*LaunchInfo{}
 		for _, l := range s.launches {
@@ -351,7 +422,7 @@ func (s *Server) Handler() http.Handler {
 		sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 		writeJSON(w, http.StatusOK, out)
 	})
-	mux.HandleFunc("POST /admin/v1/launches", func(w http.ResponseWriter, r *http.Request) {
+	admin.HandleFunc("POST /admin/v1/launches", func(w http.ResponseWriter, r *http.Request) {
 		var spec LaunchSpec
 		if err := decodeBody(r, &spec); err != nil {
 			httpError(w, http.StatusBadRequest, err)
@@ -364,7 +435,7 @@ func (s *Server) Handler() http.Handler {
 		}
 		writeJSON(w, http.StatusCreated, info)
 	})
-	mux.HandleFunc("GET /admin/v1/launches/{name}", func(w http.ResponseWriter, r *http.Request) {
+	admin.HandleFunc("GET /admin/v1/launches/{name}", func(w http.ResponseWriter, r *http.Request) {
 		info, err := s.Launch(r.PathValue("name"))
 		if err != nil {
 			httpError(w, http.StatusNotFound, err)
@@ -372,14 +443,14 @@ func (s *Server) Handler() http.Handler {
 		}
 		writeJSON(w, http.StatusOK, info)
 	})
-	mux.HandleFunc("DELETE /admin/v1/launches/{name}", func(w http.ResponseWriter, r *http.Request) {
+	admin.HandleFunc("DELETE /admin/v1/launches/{name}", func(w http.ResponseWriter, r *http.Request) {
 		if err := s.RemoveLaunch(r.PathValue("name")); err != nil {
 			httpError(w, http.StatusNotFound, err)
 			return
 		}
 		w.WriteHeader(http.StatusNoContent)
 	})
-	mux.HandleFunc("PUT /admin/v1/launches/{name}/faults", func(w http.ResponseWriter, r *http.Request) {
+	admin.HandleFunc("PUT /admin/v1/launches/{name}/faults", func(w http.ResponseWriter, r *http.Request) {
 		var f Faults
 		if err := decodeBody(r, &f); err != nil {
 			httpError(w, http.StatusBadRequest, err)
@@ -391,7 +462,7 @@ func (s *Server) Handler() http.Handler {
 		}
 		w.WriteHeader(http.StatusNoContent)
 	})
-	mux.HandleFunc("POST /admin/v1/chips/{name}", func(w http.ResponseWriter, r *http.Request) {
+	admin.HandleFunc("POST /admin/v1/chips/{name}", func(w http.ResponseWriter, r *http.Request) {
 		c, err := s.chip(r.PathValue("name"))
 		if err != nil {
 			httpError(w, http.StatusBadRequest, err)

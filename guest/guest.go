@@ -204,6 +204,8 @@ func run(ctx context.Context, cfg Config, em *emitter) (Outcome, error) {
 	res, err := firmware.Run(ctx, tpm, vars, tmpl, boot)
 	var sbErr *firmware.ErrSecureBoot
 	switch {
+	case s.Halted() != nil:
+		return "", svsmFail(s.Halted())
 	case errors.As(err, &sbErr):
 		return "", fwFail("secure-boot-violation", err)
 	case err != nil:
@@ -225,12 +227,19 @@ func run(ctx context.Context, cfg Config, em *emitter) (Outcome, error) {
 		fde = &guestos.FDE{TPM: tpm, Device: cfg.DataDisk, Recovery: cfg.RecoveryPassphrase,
 			Open: cfg.OpenLUKS, MapperName: "svsm-data", Emit: osEmit}
 		if _, err := fde.Unlock(ctx); err != nil {
+			if h := s.Halted(); h != nil {
+				return "", svsmFail(h)
+			}
 			return "", osFail("fde-locked", err)
 		}
 	}
 	w := &guestos.Workload{TPM: tpm, Vars: vars, FDE: fde, DataDevice: cfg.DataDevice}
-	runAction := func(a guestos.Action, seq int) {
+	// runAction reports false once the SVSM has halted: the VM stops there.
+	runAction := func(a guestos.Action, seq int) bool {
 		fields, err := w.Run(ctx, a)
+		if s.Halted() != nil {
+			return false // the OS never saw an answer: no action result either
+		}
 		if fields == nil {
 			fields = map[string]any{}
 		}
@@ -244,6 +253,7 @@ func run(ctx context.Context, cfg Config, em *emitter) (Outcome, error) {
 			reason = err.Error()
 		}
 		osEmit("action", reason, fields)
+		return true
 	}
 	outcome, done := PowerOff, false
 	for _, a := range cfg.Actions {
@@ -251,11 +261,16 @@ func run(ctx context.Context, cfg Config, em *emitter) (Outcome, error) {
 			outcome, done = Outcome(a.Name), true
 			break
 		}
-		runAction(a, 0)
+		if !runAction(a, 0) {
+			return "", svsmFail(s.Halted())
+		}
 	}
 	if !done && cfg.Control != nil {
 		osEmit("control-ready", "", nil)
 		outcome = serveControl(ctx, cfg.Control, runAction, osEmit)
+		if h := s.Halted(); h != nil {
+			return "", svsmFail(h)
+		}
 	}
 	poweredOff = true
 	if err := s.PowerOff(ctx); err != nil {
@@ -308,7 +323,7 @@ func readBounded(path string) ([]byte, error) {
 const MaxControlIdle = 10 * time.Minute
 
 // serveControl runs commands from the control channel until poweroff, reboot, EOF or idle.
-func serveControl(ctx context.Context, r io.Reader, run func(guestos.Action, int), emit func(string, string, map[string]any)) Outcome {
+func serveControl(ctx context.Context, r io.Reader, run func(guestos.Action, int) bool, emit func(string, string, map[string]any)) Outcome {
 	lines := make(chan string)
 	go func() {
 		defer close(lines)
@@ -348,6 +363,8 @@ func serveControl(ctx context.Context, r io.Reader, run func(guestos.Action, int
 		case "reboot":
 			return Reboot
 		}
-		run(acts[0], seq)
+		if !run(acts[0], seq) {
+			return PowerOff // halted: the caller reports why
+		}
 	}
 }

@@ -32,8 +32,14 @@ func Attest(ctx context.Context, hj *protocol.HostJSON) (*attest.Result, error) 
 	return attest.Attest(ctx, px, attest.NewChannelQuoteProvider(snp, 10*time.Second))
 }
 
-// Confirm sends one 0.2.0 confirmation through the proxy in hj.
-func Confirm(ctx context.Context, hj *protocol.HostJSON, key, bootID []byte, counter uint64) (*protocol.ConfirmResponse, error) {
+// Confirm sends one confirmation (protocol 0.3.0) through the proxy in hj, with the
+// directional keys derived from the payload's confirmation key, and checks the answer as
+// the guest does.
+func Confirm(ctx context.Context, hj *protocol.HostJSON, confirmKey, bootID []byte, counter uint64) (*protocol.ConfirmResponse, error) {
+	keys, err := protocol.DeriveConfirmKeys(confirmKey)
+	if err != nil {
+		return nil, err
+	}
 	ctx, cancel := context.WithTimeout(ctx, AttestTimeout)
 	defer cancel()
 	px, err := net.Dial("unix", hj.ProxySocket)
@@ -41,5 +47,5 @@ func Confirm(ctx context.Context, hj *protocol.HostJSON, key, bootID []byte, cou
 		return nil, fmt.Errorf("dial proxy: %w", err)
 	}
 	defer px.Close()
-	return attest.Confirm(ctx, px, key, bootID, counter)
+	return attest.Confirm(ctx, px, keys, bootID, counter)
 }

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/svsm-e2e/svsm-e2e/fakesnp"
+	"github.com/svsm-e2e/svsm-e2e/internal/admintoken"
 	"github.com/svsm-e2e/svsm-e2e/internal/atomicfile"
 	"github.com/svsm-e2e/svsm-e2e/internal/daemon"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
@@ -80,6 +81,8 @@ type HostOptions struct {
 	// CADir, if set, is a fake AMD chain (fakesnp's ca directory) copied in before fakesnp
 	// starts, so many hosts can share one RSA-4096 key generation.
 	CADir string
+	// VerifierArgs are extra `svsm-verifier serve` flags (e.g. --max-sessions for a flood test).
+	VerifierArgs []string
 }
 
 // Host is a running host side.
@@ -187,14 +190,18 @@ func (h *Host) startFakeSNP(ctx context.Context) error {
 		}
 	}
 	p, addrs, err := h.launch(ctx, "fakesnp", h.opts.Binaries.FakeSNP,
-		[]string{"serve", "--state-dir", h.path("fakesnp"), "--listen", "127.0.0.1:0", "--addr-file", h.path("run", "fakesnp.addr")},
+		[]string{"serve", "--state-dir", h.path("fakesnp"), "--socket-dir", h.runDir, "--listen", "127.0.0.1:0", "--addr-file", h.path("run", "fakesnp.addr")},
 		h.path("run", "fakesnp.addr"))
 	h.FakeSNP = p
 	if err != nil {
 		return err
 	}
 	h.FakeSNPURL = "http://" + addrs[0]
-	h.SNP = &fakesnp.Client{BaseURL: h.FakeSNPURL}
+	tok, err := admintoken.Read(h.path("fakesnp", "admin.token"))
+	if err != nil {
+		return fmt.Errorf("fakesnp: %w", err)
+	}
+	h.SNP = &fakesnp.Client{BaseURL: h.FakeSNPURL, Token: tok}
 	chain, err := h.SNP.CertChain(ctx)
 	if err != nil {
 		return err
@@ -216,6 +223,7 @@ func (h *Host) StartVerifier(ctx context.Context) error {
 	}
 	args := []string{"serve", "--data-dir", h.path("verifier"), "--listen", listen, "--admin-listen", adminListen,
 		"--addr-file", addrFile, "--admin-addr-file", adminFile, "--kds-url", h.FakeSNPURL, "--trusted-roots", h.path("fakesnp-roots.pem")}
+	args = append(args, h.opts.VerifierArgs...)
 	p, addrs, err := h.launch(ctx, "svsm-verifier", h.opts.Binaries.Verifier, args, addrFile, adminFile)
 	if p != nil {
 		h.Verifier = p
@@ -340,7 +348,7 @@ func (h *Host) AddVM(ctx context.Context, s VMSetup) (*protocol.HostJSON, error)
 	return &protocol.HostJSON{
 		ProxySocket: h.ProxySocket, SNPSocket: info.Socket, VerifierURL: h.VerifierURL, AdminURL: h.AdminURL,
 		AdminTokenFile: h.TokenFile, VM: s.Name, Measurement: hex.EncodeToString(s.Measurement),
-		HostData: hex.EncodeToString(s.HostData), SecretMode: s.SecretMode, FakeSNPURL: h.FakeSNPURL, Launch: s.Name, Chip: s.Chip,
+		HostData: hex.EncodeToString(s.HostData), SecretMode: s.SecretMode, FakeSNPURL: h.FakeSNPURL, FakeSNPTokenFile: h.path("fakesnp", "admin.token"), Launch: s.Name, Chip: s.Chip,
 	}, nil
 }
 

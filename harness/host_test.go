@@ -126,9 +126,9 @@ func TestAttestReleaseOncePerBootRequest(t *testing.T) {
 	if ev := lastAudit(t, h, "vm1"); ev.Event != "release" || ev.Outcome != verifier.Deny || !strings.Contains(ev.Reason, "boot_request") {
 		t.Fatalf("audit after clone = %+v", ev)
 	}
-	// Confirm the advance through the proxy (0.2.0).
+	// Confirm the advance through the proxy (0.3.0).
 	resp, err := harness.Confirm(ctx, hj, p.ConfirmKey[:], p.BootID[:], p.NextCounter)
-	if err != nil || resp.Counter != 1 {
+	if err != nil || resp.Confirmed != 1 {
 		t.Fatalf("confirm = %+v, %v", resp, err)
 	}
 	// Prime again: released, with the counter advanced.

@@ -59,6 +59,8 @@ type StackOptions struct {
 	Seed    uint64
 	Backend Backend // default ProcessBackend with Binaries.Guest
 	Logger  *slog.Logger
+	// VerifierArgs are extra `svsm-verifier serve` flags.
+	VerifierArgs []string
 }
 
 // Stack is a host side (fakesnp, svsm-verifier, svsm-proxy as processes) plus the VMs the
@@ -80,7 +82,7 @@ func NewStack(ctx context.Context, opts StackOptions) (*Stack, error) {
 	if opts.Backend == nil {
 		opts.Backend = ProcessBackend{Guest: opts.Binaries.Guest}
 	}
-	h, err := StartHost(ctx, HostOptions{WorkDir: opts.WorkDir, Binaries: opts.Binaries, CADir: opts.CADir, Logger: opts.Logger})
+	h, err := StartHost(ctx, HostOptions{WorkDir: opts.WorkDir, Binaries: opts.Binaries, CADir: opts.CADir, Logger: opts.Logger, VerifierArgs: opts.VerifierArgs})
 	if err != nil {
 		return nil, err
 	}

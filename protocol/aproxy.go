@@ -12,8 +12,9 @@ var (
 	// VersionAttest is upstream COCONUT-SVSM's attestation protocol (PROTOCOLS.md §1).
 	VersionAttest = Version{0, 1, 0}
 	// VersionConfirm is svsm-e2e's confirmation extension (PROTOCOLS.md §3). A connection
-	// announcing it carries exactly one ConfirmRequest and one ConfirmResponse.
-	VersionConfirm = Version{0, 2, 0}
+	// announcing it carries exactly one ConfirmRequest and one ConfirmResponse, both
+	// authenticated. 0.2.0 (answer unauthenticated) is refused like any unknown version.
+	VersionConfirm = Version{0, 3, 0}
 )
 
 // TeeSNP is the only TEE this stack speaks.

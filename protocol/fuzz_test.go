@@ -2,6 +2,7 @@ package protocol
 
 import (
 	"bytes"
+	"encoding/base64"
 	"encoding/json"
 	"testing"
 )
@@ -26,6 +27,7 @@ func FuzzReadFrame(f *testing.F) {
 func FuzzDecodeNegotiationRequest(f *testing.F) {
 	f.Add([]byte(`{"version":[0,1,0],"tee":"snp"}`))
 	f.Add([]byte(`{"version":[0,2,0],"tee":"snp","confirm":{"boot_id":"AAAAAAAAAAAAAAAAAAAAAA==","counter":1,"mac":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}}`))
+	f.Add([]byte(`{"version":[0,3,0],"tee":"snp","confirm":{"boot_id":"AAAAAAAAAAAAAAAAAAAAAA==","counter":1,"nonce":"AAAAAAAAAAAAAAAAAAAAAA==","mac":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, err := DecodeNegotiationRequest(b)
 		if err == nil && m.Version != VersionAttest && m.Version != VersionConfirm {
@@ -112,3 +114,28 @@ func FuzzReportMessages(f *testing.F) {
 		}
 	})
 }
+
+// FuzzConfirmAnswer: whatever the host sends as a confirmation answer, only the verifier's
+// authenticated answer to this very request verifies.
+func FuzzConfirmAnswer(f *testing.F) {
+	keys, _ := DeriveConfirmKeys(bytes.Repeat([]byte{7}, 32))
+	req := NewConfirmRequest(keys, bytes.Repeat([]byte{1}, BootIDSize), 3, bytes.Repeat([]byte{2}, ConfirmNonceSize))
+	good, _ := json.Marshal(NewConfirmAnswer(keys, req, true, 3, ""))
+	f.Add(good)
+	f.Add([]byte(`{"success":true,"counter":3}`))
+	f.Add([]byte(`{"version":[0,3,0],"success":true,"boot_id":"AQEBAQEBAQEBAQEBAQEBAQ==","counter":3,"nonce":"AgICAgICAgICAgICAgICAg==","confirmed":3,"mac":"` + b64(req.MAC) + `"}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		r, err := DecodeConfirmResponse(b)
+		if err != nil {
+			return
+		}
+		if r.VerifyAnswer(keys, req) == nil {
+			want := NewConfirmAnswer(keys, req, r.Success, r.Confirmed, r.Reason)
+			if !bytes.Equal(want.MAC, r.MAC) {
+				t.Fatalf("an answer verified without the verifier's MAC: %s", b)
+			}
+		}
+	})
+}
+
+func b64(b []byte) string { return base64.StdEncoding.EncodeToString(b) }

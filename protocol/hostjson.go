@@ -20,8 +20,10 @@ type HostJSON struct {
 	SecretMode     string `json:"secret_mode"`
 	// Extensions beyond the stable keys.
 	FakeSNPURL string `json:"fakesnp_url,omitempty"`
-	Launch     string `json:"launch,omitempty"`
-	Chip       string `json:"chip,omitempty"`
+	// FakeSNPTokenFile holds fakesnp's admin bearer token.
+	FakeSNPTokenFile string `json:"fakesnp_admin_token_file,omitempty"`
+	Launch           string `json:"launch,omitempty"`
+	Chip             string `json:"chip,omitempty"`
 }
 
 // ReadHostJSON loads and checks a host.json.

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/ecdh"
 	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"io"
@@ -215,15 +216,72 @@ func TestSecretPayloadV1(t *testing.T) {
 	}
 }
 
-func TestConfirmMAC(t *testing.T) {
-	key := bytes.Repeat([]byte{9}, 32)
-	c := NewConfirmRequest(key, make([]byte, BootIDSize), 5)
-	if err := c.Verify(key); err != nil {
+func TestConfirmProtocol(t *testing.T) {
+	keys, err := DeriveConfirmKeys(bytes.Repeat([]byte{9}, 32))
+	if err != nil {
 		t.Fatal(err)
 	}
-	c.Counter = 6
-	if err := c.Verify(key); err == nil {
+	if keys.Request == keys.Answer {
+		t.Fatal("one key for both directions")
+	}
+	boot := bytes.Repeat([]byte{1}, BootIDSize)
+	nonce := bytes.Repeat([]byte{2}, ConfirmNonceSize)
+	req := NewConfirmRequest(keys, boot, 5, nonce)
+	if err := req.Verify(keys); err != nil {
+		t.Fatal(err)
+	}
+	changed := *req
+	changed.Counter = 6
+	if changed.Verify(keys) == nil {
 		t.Fatal("changed counter verified")
+	}
+	ok := NewConfirmAnswer(keys, req, true, 5, "")
+	if err := ok.VerifyAnswer(keys, req); err != nil {
+		t.Fatal(err)
+	}
+	refused := NewConfirmAnswer(keys, req, false, 4, "superseded")
+	if err := refused.VerifyAnswer(keys, req); err != nil || refused.Success {
+		t.Fatalf("authenticated refusal: %v", err)
+	}
+	other := NewConfirmRequest(keys, boot, 5, bytes.Repeat([]byte{3}, ConfirmNonceSize))
+	for name, tc := range map[string]struct {
+		r   *ConfirmResponse
+		req *ConfirmRequest
+	}{
+		"answer to another request (replay)": {ok, other},
+		"success flipped":                    {func() *ConfirmResponse { r := *refused; r.Success = true; return &r }(), req},
+		"confirmed counter changed":          {func() *ConfirmResponse { r := *ok; r.Confirmed = 6; return &r }(), req},
+		"no mac (0.2.0-style answer)":        {&ConfirmResponse{Version: VersionConfirm, Success: true, Counter: 5}, req},
+		"old version":                        {func() *ConfirmResponse { r := *ok; r.Version = Version{0, 2, 0}; return &r }(), req},
+		"reflected request mac":              {func() *ConfirmResponse { r := *ok; r.MAC = req.MAC; return &r }(), req},
+		"answer keyed with the request key": {func() *ConfirmResponse {
+			return NewConfirmAnswer(ConfirmKeys{Request: keys.Request, Answer: keys.Request}, req, true, 5, "")
+		}(), req},
+		"echo rewritten": {func() *ConfirmResponse { r := *ok; r.Counter = 9; return &r }(), req},
+	} {
+		if err := tc.r.VerifyAnswer(keys, tc.req); !errors.Is(err, ErrUnauthenticatedAnswer) {
+			t.Errorf("%s: got %v, want ErrUnauthenticatedAnswer", name, err)
+		}
+	}
+}
+
+// TestConfirmKnownAnswer pins the 0.3.0 layouts (docs/protocols.md): an independent
+// implementation must produce these bytes. The values were computed with Python's hmac and
+// hashlib from the layout text alone (HKDF written out by hand): confirmation key 32×0x42,
+// boot id 16×0x11, nonce 16×0x22, counter 7, answer success with confirmed 7 and no reason.
+const confirmKAT = "66b7002e9df945efcc512d850c92ab4f0ef75f12c1522b47350977785e550182 " +
+	"2f034c48df82b94dd664b0dfbb265d3283b8c6dae9ab7c4285d5973c8bf1d906 " +
+	"fb21cfa2e26ec7c4a2b9f8a9f8f86128a4a54efbd007aaa1afb26087dd1fa92f " +
+	"e5de03a5e90c53075deabb7b5ecfa622c9f142a5fc5a132af622c4ac26e2f50e"
+
+func TestConfirmKnownAnswer(t *testing.T) {
+	keys, _ := DeriveConfirmKeys(bytes.Repeat([]byte{0x42}, 32))
+	req := NewConfirmRequest(keys, bytes.Repeat([]byte{0x11}, BootIDSize), 7, bytes.Repeat([]byte{0x22}, ConfirmNonceSize))
+	ans := NewConfirmAnswer(keys, req, true, 7, "")
+	got := hex.EncodeToString(keys.Request[:]) + " " + hex.EncodeToString(keys.Answer[:]) + " " +
+		hex.EncodeToString(req.MAC) + " " + hex.EncodeToString(ans.MAC)
+	if got != confirmKAT {
+		t.Fatalf("confirm 0.3.0 known answer changed:\n got %s\nwant %s", got, confirmKAT)
 	}
 }
 

@@ -45,7 +45,12 @@ const (
 	CodeStateWiped     = "state-missing"
 	CodeStale          = "stale-state"
 	CodeAhead          = "state-ahead-of-verifier"
-	CodeConfirm        = "confirm-failed"
+	// Confirmation: anything but the verifier's authenticated success stops the SVSM.
+	CodeConfirmUnauthenticated = "confirm-unauthenticated"
+	CodeConfirmRefused         = "confirm-refused"
+	CodeConfirmTimeout         = "confirm-timeout"
+	CodeConfirmNoAnswer        = "confirm-no-answer"
+	CodeConfirmUnreachable     = "confirm-unreachable"
 	CodeTPM            = "vtpm-failed"
 	CodeUEFI           = "uefi-vars-failed"
 	CodeStateBodyError = "state-body-invalid"
@@ -75,7 +80,19 @@ type SVSM struct {
 	vars    *uefivars.Store
 	savedNV [32]byte // hash of the NV image last persisted
 	off     bool
+	halted  *Error // set when a runtime write could not be made durable and confirmed
 	launch  []byte // MEASUREMENT from this boot's attestation report
+	keys    protocol.ConfirmKeys
+}
+
+// ErrHalted is what every TPM and variable call returns once the SVSM has halted.
+var ErrHalted = errors.New("svsm: halted")
+
+// Halted reports why the SVSM stopped serving the OS, or nil while it runs.
+func (s *SVSM) Halted() *Error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.halted
 }
 
 // LaunchDigest is the MEASUREMENT of the report this boot attested with.
@@ -112,6 +129,9 @@ func Boot(ctx context.Context, cfg Config) (*SVSM, error) {
 		}
 		s.payload, mode = &p, protocol.SecretModeV1
 		opts.Key, opts.VMID = p.StateKey, p.VMID
+		if s.keys, err = protocol.DeriveConfirmKeys(p.ConfirmKey[:]); err != nil {
+			return nil, fail(CodeSecret, "%w", err)
+		}
 	default:
 		return nil, fail(CodeSecret, "released secret is %d bytes: neither a raw state key nor payload v1", len(res.Secret))
 	}
@@ -151,6 +171,15 @@ func Boot(ctx context.Context, cfg Config) (*SVSM, error) {
 			return nil, fail(CodeStale, "state holds counter %d, the verifier expects %d: the host restored an old state disk", st.Counter, want)
 		case !first && st.Counter > want+1:
 			return nil, fail(CodeAhead, "state holds counter %d, the verifier expects %d: the verifier's record is behind", st.Counter, want)
+		case !first && st.Counter == want+1:
+			// The newest slot holds an advance the verifier never confirmed (a crash or a
+			// halted write-through write). Come up with the confirmed state if a slot still
+			// holds it; its write is then overwritten by this boot's advance.
+			if old, ok := store.Use(want); ok {
+				s.emit("state-unconfirmed-skipped", map[string]any{
+					"slot": statestore.SlotName(st.Slot), "counter": st.Counter, "using_slot": statestore.SlotName(old.Slot), "using_counter": old.Counter})
+				st = old
+			}
 		}
 	}
 
@@ -234,14 +263,23 @@ func (s *SVSM) advance(ctx context.Context, first bool) error {
 func (s *SVSM) confirm(ctx context.Context, counter uint64) error {
 	conn, err := s.cfg.Proxy(ctx)
 	if err != nil {
-		return fail(CodeConfirm, "connect to proxy: %w", err)
+		return fail(CodeConfirmUnreachable, "connect to proxy: %w", err)
 	}
 	defer conn.Close()
-	resp, err := attest.Confirm(ctx, conn, s.payload.ConfirmKey[:], s.payload.BootID[:], counter)
+	resp, err := attest.Confirm(ctx, conn, s.keys, s.payload.BootID[:], counter)
 	if err != nil {
-		return &Error{Code: CodeConfirm, Err: err}
+		code := CodeConfirmNoAnswer
+		switch {
+		case errors.Is(err, attest.ErrConfirmUnauthenticated):
+			code = CodeConfirmUnauthenticated
+		case errors.Is(err, attest.ErrConfirmRefused):
+			code = CodeConfirmRefused
+		case errors.Is(err, attest.ErrConfirmTimeout):
+			code = CodeConfirmTimeout
+		}
+		return &Error{Code: code, Err: err}
 	}
-	s.emit("confirmed", map[string]any{"counter": resp.Counter})
+	s.emit("confirmed", map[string]any{"counter": resp.Confirmed})
 	return nil
 }
 
@@ -276,18 +314,34 @@ func (s *SVSM) write(counter uint64, nv []byte, why string) error {
 // runtimeWrite persists a change made while the OS runs. In write-through mode the counter
 // advances and the verifier confirms each write, closing the intra-boot rollback window;
 // otherwise the counter stays (the documented limitation).
+//
+// A write that cannot be made durable (and, in write-through mode, confirmed) halts the SVSM:
+// the OS gets no answer to the call that caused it, nor to any later one, because the vTPM's
+// state is no longer the persisted one.
 func (s *SVSM) runtimeWrite(ctx context.Context, nv []byte, why string) error {
 	counter := s.counter
 	if s.payload != nil && s.payload.WriteThrough {
 		counter++
 	}
-	if err := s.write(counter, nv, why); err != nil {
-		return err
+	err := s.write(counter, nv, why)
+	if err == nil && s.payload != nil && s.payload.WriteThrough {
+		err = s.confirm(ctx, counter)
 	}
-	if s.payload != nil && s.payload.WriteThrough {
-		return s.confirm(ctx, counter)
+	if err != nil {
+		return s.haltLocked(err, why)
 	}
 	return nil
+}
+
+// haltLocked stops the SVSM for good: a real SVSM would stop the VM here.
+func (s *SVSM) haltLocked(err error, why string) error {
+	var se *Error
+	if !errors.As(err, &se) {
+		se = &Error{Code: CodeStateIO, Err: err}
+	}
+	s.halted = se
+	s.emit("halted", map[string]any{"reason": se.Code, "write": why, "detail": se.Err.Error(), "counter": s.counter})
+	return se
 }
 
 // Counter returns the counter the state on disk holds.
@@ -310,6 +364,9 @@ func (p *tpmPort) Write(cmd []byte) (int, error) {
 	s := p.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.halted != nil {
+		return 0, ErrHalted
+	}
 	if s.off {
 		return 0, errors.New("svsm: powered off")
 	}
@@ -332,6 +389,9 @@ func (p *tpmPort) Write(cmd []byte) (int, error) {
 func (p *tpmPort) Read(b []byte) (int, error) {
 	p.s.mu.Lock()
 	defer p.s.mu.Unlock()
+	if p.s.halted != nil {
+		return 0, ErrHalted // the answer that depended on an unconfirmed write never leaves
+	}
 	return p.s.tpm.Transport().Read(b)
 }
 
@@ -351,6 +411,9 @@ type VariableService struct {
 func (v *VariableService) Get(guid uefivars.GUID, name string) (*uefivars.Variable, bool) {
 	v.s.mu.Lock()
 	defer v.s.mu.Unlock()
+	if v.s.halted != nil {
+		return nil, false
+	}
 	return v.s.vars.Get(guid, name)
 }
 
@@ -366,6 +429,9 @@ func (v *VariableService) Set(u uefivars.Update) error {
 	s := v.s
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.halted != nil {
+		return ErrHalted
+	}
 	if s.off {
 		return errors.New("svsm: powered off")
 	}
@@ -388,6 +454,11 @@ func (v *VariableService) Set(u uefivars.Update) error {
 func (s *SVSM) PowerOff(ctx context.Context) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.halted != nil {
+		s.off = true
+		s.tpm.Close()
+		return s.halted
+	}
 	if s.off {
 		return nil
 	}

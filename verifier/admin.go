@@ -2,16 +2,15 @@ package verifier
 
 import (
 	"crypto/rand"
-	"crypto/subtle"
 	"errors"
 	"fmt"
 	"net/http"
 	"regexp"
 	"strconv"
-	"strings"
 
 	"github.com/google/go-sev-guest/abi"
 
+	"github.com/svsm-e2e/svsm-e2e/internal/admintoken"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 )
 
@@ -122,6 +121,7 @@ func (v *Verifier) Prime(name string) (*VMView, error) {
 		}
 		vm.Primed = true
 		vm.PrimedAt = tx.now
+		vm.BootRequest++ // a new request: evidence verified before it cannot spend it
 		if err := tx.PutVM(vm); err != nil {
 			return err
 		}
@@ -222,7 +222,7 @@ func (v *Verifier) AdminHandler() http.Handler {
 		q := r.URL.Query()
 		since, _ := strconv.ParseUint(q.Get("since"), 10, 64)
 		limit, _ := strconv.Atoi(q.Get("limit"))
-		evs, err := v.store.AuditEvents(q.Get("vm"), since, limit)
+		evs, err := v.AuditEvents(q.Get("vm"), since, limit)
 		if err != nil {
 			problem(w, http.StatusInternalServerError, "Internal", err.Error())
 			return
@@ -230,8 +230,7 @@ func (v *Verifier) AdminHandler() http.Handler {
 		writeJSON(w, http.StatusOK, evs)
 	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		got := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
-		if subtle.ConstantTimeCompare([]byte(got), []byte(v.adminToken)) != 1 {
+		if !admintoken.Valid(r, v.adminToken) {
 			problem(w, http.StatusUnauthorized, "AdminUnauthorized", "missing or wrong admin bearer token")
 			return
 		}

@@ -23,13 +23,17 @@ func newTestVerifier(t *testing.T) *Verifier {
 
 // releaseV1 registers/primes and releases directly (the evidence path is covered by the
 // harness integration tests), returning the decrypted payload.
+// noGate stands for a session whose evidence passes the gate (the gate itself is covered by
+// the session tests and the harness integration tests).
+func noGate(*VM) *Refusal { return nil }
+
 func releaseV1(t *testing.T, v *Verifier, name string) protocol.SecretPayloadV1 {
 	t.Helper()
 	if _, err := v.Prime(name); err != nil {
 		t.Fatal(err)
 	}
 	priv, _ := ecdh.P521().GenerateKey(rand.Reader)
-	jwe, ref, err := v.release(name, "s", protocol.ECPublicKeyFromECDH(priv.PublicKey()))
+	jwe, ref, err := v.release(name, "s", protocol.ECPublicKeyFromECDH(priv.PublicKey()), noGate)
 	if err != nil || ref != nil {
 		t.Fatalf("release: %v %v", err, ref)
 	}
@@ -59,9 +63,18 @@ func TestConfirmRules(t *testing.T) {
 			t.Fatalf("payload %+v", p)
 		}
 		confirm := func(key []byte, boot []byte, c uint64) *protocol.ConfirmResponse {
-			r, err := v.Confirm(protocol.NewConfirmRequest(key, boot, c))
+			keys, err := protocol.DeriveConfirmKeys(key)
 			if err != nil {
 				t.Fatal(err)
+			}
+			req := protocol.NewConfirmRequest(keys, boot, c, bytes.Repeat([]byte{byte(c)}, protocol.ConfirmNonceSize))
+			r, err := v.Confirm(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// Every answer to a known boot is authenticated for the guest that holds the key.
+			if verr := r.VerifyAnswer(keys, req); verr != nil && !strings.Contains(r.Reason, "unknown boot") && !strings.Contains(r.Reason, "mac") {
+				t.Fatalf("answer not authenticated: %v (%+v)", verr, r)
 			}
 			return r
 		}
@@ -121,13 +134,13 @@ func TestReleaseOnceAndRawMode(t *testing.T) {
 	}
 	priv, _ := ecdh.P521().GenerateKey(rand.Reader)
 	key := protocol.ECPublicKeyFromECDH(priv.PublicKey())
-	if _, ref, _ := v.release("raw", "s", key); ref == nil || ref.Field != "boot_request" {
+	if _, ref, _ := v.release("raw", "s", key, noGate); ref == nil || ref.Field != "boot_request" {
 		t.Fatalf("release without prime: %v", ref)
 	}
 	if _, err := v.Prime("raw"); err != nil {
 		t.Fatal(err)
 	}
-	jwe, ref, err := v.release("raw", "s", key)
+	jwe, ref, err := v.release("raw", "s", key, noGate)
 	if err != nil || ref != nil {
 		t.Fatal(err, ref)
 	}
@@ -136,7 +149,7 @@ func TestReleaseOnceAndRawMode(t *testing.T) {
 	if err != nil || len(pt) != 32 {
 		t.Fatalf("raw secret %d bytes, %v", len(pt), err)
 	}
-	if _, ref, _ := v.release("raw", "s", key); ref == nil {
+	if _, ref, _ := v.release("raw", "s", key, noGate); ref == nil {
 		t.Fatal("second release without prime")
 	}
 	if len(view.ID) != 32 {

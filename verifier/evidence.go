@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"context"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/go-sev-guest/abi"
@@ -17,6 +19,7 @@ import (
 	"github.com/google/go-sev-guest/validate"
 	"github.com/google/go-sev-guest/verify"
 	"github.com/google/go-sev-guest/verify/trust"
+	"golang.org/x/sync/singleflight"
 
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 )
@@ -24,18 +27,74 @@ import (
 // amdKDSBase is where go-sev-guest builds certificate URLs; our getter rewrites it.
 const amdKDSBase = "https://kdsintf.amd.com"
 
-// kdsGetter fetches KDS URLs from a configurable base and caches successful answers. VCEK
-// certificates are immutable per (chip, TCB), so caching them is safe and keeps the KDS off
-// the hot path.
-type kdsGetter struct {
-	base   string
-	client *http.Client
-	mu     sync.Mutex
-	cache  map[string][]byte
+// KDSOptions bounds what a report can make the verifier fetch.
+type KDSOptions struct {
+	// MaxConcurrent bounds simultaneous KDS fetches (default 4); more callers wait their turn.
+	MaxConcurrent int
+	// NegativeTTL is how long a "no such certificate" answer is remembered (default 60 s).
+	NegativeTTL time.Duration
+	// OutageTTL is how long an unreachable KDS is remembered before it is tried again
+	// (default 5 s): a flood during an outage costs one fetch per OutageTTL per URL.
+	OutageTTL time.Duration
+	// Timeout bounds one fetch (default 10 s).
+	Timeout time.Duration
 }
 
-func newKDSGetter(base string) *kdsGetter {
-	return &kdsGetter{base: strings.TrimSuffix(base, "/"), client: &http.Client{Timeout: 10 * time.Second}, cache: map[string][]byte{}}
+// kdsGetter fetches KDS URLs from a configurable base. VCEK certificates are immutable per
+// (chip, TCB), so successful answers are kept for good; failures are kept for a short TTL,
+// concurrent fetches of one URL are merged, and fetches overall are bounded in concurrency:
+// a host choosing chip ids and TCBs at will cannot turn the verifier into a KDS load generator.
+type kdsGetter struct {
+	base   string
+	opts   KDSOptions
+	client *http.Client
+	sem    chan struct{}
+	flight singleflight.Group
+	mu     sync.Mutex
+	cache  map[string][]byte
+	neg    map[string]kdsFailure
+	// Fetches counts requests actually sent to the KDS (tests and metrics).
+	fetches atomic.Uint64
+}
+
+type kdsFailure struct {
+	err   *KDSError
+	until time.Time
+}
+
+// KDSError is a failed certificate fetch. Unavailable means the KDS could not answer (network,
+// timeout, 5xx): the report may be fine, so the refusal says kds-unavailable, not signature.
+type KDSError struct {
+	URL         string
+	Status      int
+	Unavailable bool
+	Err         error
+}
+
+func (e *KDSError) Error() string {
+	if e.Status != 0 {
+		return fmt.Sprintf("kds get %s: HTTP %d: %v", e.URL, e.Status, e.Err)
+	}
+	return fmt.Sprintf("kds get %s: %v", e.URL, e.Err)
+}
+
+func (e *KDSError) Unwrap() error { return e.Err }
+
+func newKDSGetter(base string, o KDSOptions) *kdsGetter {
+	if o.MaxConcurrent <= 0 {
+		o.MaxConcurrent = 4
+	}
+	if o.NegativeTTL <= 0 {
+		o.NegativeTTL = time.Minute
+	}
+	if o.OutageTTL <= 0 {
+		o.OutageTTL = 5 * time.Second
+	}
+	if o.Timeout <= 0 {
+		o.Timeout = 10 * time.Second
+	}
+	return &kdsGetter{base: strings.TrimSuffix(base, "/"), opts: o, client: &http.Client{Timeout: o.Timeout},
+		sem: make(chan struct{}, o.MaxConcurrent), cache: map[string][]byte{}, neg: map[string]kdsFailure{}}
 }
 
 func (g *kdsGetter) Get(url string) ([]byte, error) { return g.GetContext(context.Background(), url) }
@@ -49,22 +108,55 @@ func (g *kdsGetter) GetContext(ctx context.Context, url string) ([]byte, error) 
 		g.mu.Unlock()
 		return b, nil
 	}
+	if f, ok := g.neg[url]; ok {
+		if time.Now().Before(f.until) {
+			g.mu.Unlock()
+			return nil, f.err
+		}
+		delete(g.neg, url)
+	}
 	g.mu.Unlock()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	v, err, _ := g.flight.Do(url, func() (any, error) { return g.fetch(ctx, url) })
 	if err != nil {
 		return nil, err
 	}
+	return v.([]byte), nil
+}
+
+func (g *kdsGetter) fetch(ctx context.Context, url string) ([]byte, error) {
+	select {
+	case g.sem <- struct{}{}:
+		defer func() { <-g.sem }()
+	case <-ctx.Done():
+		return nil, &KDSError{URL: url, Unavailable: true, Err: fmt.Errorf("waiting for a KDS fetch slot: %w", ctx.Err())}
+	}
+	fail := func(e *KDSError) ([]byte, error) {
+		ttl := g.opts.NegativeTTL
+		if e.Unavailable {
+			ttl = g.opts.OutageTTL
+		}
+		g.mu.Lock()
+		g.neg[url] = kdsFailure{err: e, until: time.Now().Add(ttl)}
+		g.mu.Unlock()
+		return nil, e
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, &KDSError{URL: url, Err: err}
+	}
+	g.fetches.Add(1)
 	resp, err := g.client.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("kds get %s: %w", url, err)
+		return fail(&KDSError{URL: url, Unavailable: true, Err: err})
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 	if err != nil {
-		return nil, fmt.Errorf("kds get %s: %w", url, err)
+		return fail(&KDSError{URL: url, Unavailable: true, Err: err})
 	}
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("kds get %s: HTTP %d: %s", url, resp.StatusCode, bytes.TrimSpace(body))
+		return fail(&KDSError{URL: url, Status: resp.StatusCode, Unavailable: resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests,
+			Err: errors.New(string(bytes.TrimSpace(body)))})
 	}
 	g.mu.Lock()
 	g.cache[url] = body
@@ -78,12 +170,16 @@ type checker struct {
 	roots  map[string][]*trust.AMDRootCerts // nil: genuine AMD roots embedded in go-sev-guest
 }
 
+// FieldKDSUnavailable names a refusal because the KDS could not be reached: the report was
+// not judged, and the guest may try again.
+const FieldKDSUnavailable = "kds-unavailable"
+
 // verifyReport checks the report's VCEK chain and signature. It returns the parsed report
 // and its VCEK-backed attestation for policy validation.
-func (c *checker) verifyReport(ctx context.Context, raw []byte) (*spb.Attestation, error) {
+func (c *checker) verifyReport(ctx context.Context, raw []byte) (*spb.Attestation, *Refusal) {
 	report, err := abi.ReportToProto(raw)
 	if err != nil {
-		return nil, fmt.Errorf("report format: %w", err)
+		return nil, refuse("snp-report", "report format: %v", err)
 	}
 	att := &spb.Attestation{Report: report, CertificateChain: &spb.CertificateChain{Extras: map[string][]byte{}}}
 	if rs := c.roots[productLine(report)]; len(rs) > 0 {
@@ -91,11 +187,40 @@ func (c *checker) verifyReport(ctx context.Context, raw []byte) (*spb.Attestatio
 		att.CertificateChain.ArkCert = rs[0].ProductCerts.Ark.Raw
 		att.CertificateChain.AskCert = rs[0].ProductCerts.Ask.Raw
 	}
+	if info, err := abi.ParseSignerInfo(report.GetSignerInfo()); err == nil && info.SigningKey == abi.VcekReportSigner {
+		// Fetch the VCEK ourselves, so that an unreachable KDS is told apart from a bad report.
+		url := kds.VCEKCertURL(productLine(report), report.GetChipId(), kds.TCBVersion(report.GetReportedTcb()))
+		vcek, err := c.getter.GetContext(ctx, url)
+		var ke *KDSError
+		switch {
+		case errors.As(err, &ke) && ke.Unavailable:
+			return nil, refuse(FieldKDSUnavailable, "%v", err)
+		case err != nil:
+			return nil, refuse("vcek", "no VCEK for this CHIP_ID and REPORTED_TCB: %v", err)
+		}
+		att.CertificateChain.VcekCert = vcek
+	}
 	opts := &verify.Options{Getter: c.getter, Now: time.Now(), TrustedRoots: c.roots}
 	if err := verify.SnpAttestationContext(ctx, att, opts); err != nil {
-		return nil, fmt.Errorf("report signature or VCEK chain: %w", err)
+		var ke *KDSError
+		if errors.As(err, &ke) && ke.Unavailable {
+			return nil, refuse(FieldKDSUnavailable, "%v", err)
+		}
+		return nil, refuse("signature", "report signature or VCEK chain: %v", err)
 	}
 	return att, nil
+}
+
+// checkReportDataRaw checks REPORT_DATA of a raw report before anything else is done with it.
+func checkReportDataRaw(raw []byte, key protocol.ECPublicKey, nonce []byte) *Refusal {
+	want, err := protocol.ReportData(protocol.DefaultParams(), key, nonce)
+	if err != nil {
+		return refuse("tee-pubkey", "%v", err)
+	}
+	if !bytes.Equal(want[:], raw[0x50:0x90]) {
+		return refuse("report_data", "does not bind the session nonce and the presented key")
+	}
+	return nil
 }
 
 // productLine is the report's AMD product line (v3 reports carry CPUID family/model).
@@ -181,18 +306,6 @@ func checkPolicy(vm *VM, att *spb.Attestation) error {
 	}
 	if err := validate.SnpAttestation(att, opts); err != nil {
 		return refuse("report", "%v", err)
-	}
-	return nil
-}
-
-// checkBinding checks REPORT_DATA = SHA-512(x ‖ y ‖ nonce).
-func checkBinding(r *spb.Report, key protocol.ECPublicKey, nonce []byte) *Refusal {
-	want, err := protocol.ReportData(protocol.DefaultParams(), key, nonce)
-	if err != nil {
-		return refuse("tee-pubkey", "%v", err)
-	}
-	if !bytes.Equal(want[:], r.GetReportData()) {
-		return refuse("report_data", "does not bind the session nonce and the presented key")
 	}
 	return nil
 }

@@ -6,6 +6,7 @@
 package verifier
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -28,8 +29,10 @@ import (
 
 	jose "github.com/go-jose/go-jose/v4"
 	"github.com/go-jose/go-jose/v4/jwt"
+	spb "github.com/google/go-sev-guest/proto/sevsnp"
 	"github.com/google/go-sev-guest/verify/trust"
 
+	"github.com/svsm-e2e/svsm-e2e/internal/admintoken"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 )
 
@@ -43,9 +46,15 @@ type Options struct {
 	TrustedRootsPEM []byte
 	// SessionTTL bounds how long an auth session lives (default 5 min).
 	SessionTTL time.Duration
-	// MaxSessions bounds concurrent sessions (default 10000).
+	// MaxSessions bounds concurrent sessions (default 10000). When the table is full, a new
+	// /auth evicts spent and then unattested sessions (oldest first), never an attested one:
+	// unauthenticated callers cannot starve guests that proved themselves.
 	MaxSessions int
-	Logger      *slog.Logger
+	// AuditWindow is how long identical refusals are folded into one audit row (default 10 s).
+	AuditWindow time.Duration
+	// KDS bounds certificate fetches (zero values: defaults, see KDSOptions).
+	KDS    KDSOptions
+	Logger *slog.Logger
 }
 
 // Verifier is the running service.
@@ -57,17 +66,34 @@ type Verifier struct {
 	tokenKey   *ecdsa.PrivateKey
 	adminToken string
 
+	auditLog *auditLog
+
 	mu       sync.Mutex
 	sessions map[string]*session
 }
+
+// sessionState is where a KBS session is in its one-shot life: one attestation per nonce,
+// one release per session.
+type sessionState int
+
+const (
+	sessionFresh     sessionState = iota // nonce issued, no attestation yet
+	sessionAttesting                     // /attest running: the nonce is spent
+	sessionAttested                      // evidence verified: one release may follow
+	sessionSpent                         // attestation refused or release done: worth nothing
+)
 
 type session struct {
 	id      string
 	nonce   string
 	created time.Time
+	state   sessionState
 	// Set by a successful attest.
-	vm  string
-	key *protocol.ECPublicKey
+	vm       string
+	key      *protocol.ECPublicKey
+	evidence *spb.Attestation
+	// bootRequest is the VM's pending boot request when the evidence was verified (0: none).
+	bootRequest uint64
 }
 
 // New opens the database, the admin token and the token-signing key.
@@ -81,6 +107,9 @@ func New(opts Options) (*Verifier, error) {
 	if opts.MaxSessions == 0 {
 		opts.MaxSessions = 10000
 	}
+	if opts.AuditWindow == 0 {
+		opts.AuditWindow = 10 * time.Second
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
@@ -88,7 +117,7 @@ func New(opts Options) (*Verifier, error) {
 		return nil, fmt.Errorf("verifier data dir: %w", err)
 	}
 	v := &Verifier{opts: opts, log: opts.Logger, sessions: map[string]*session{}}
-	v.check = &checker{getter: newKDSGetter(opts.KDSBaseURL)}
+	v.check = &checker{getter: newKDSGetter(opts.KDSBaseURL, opts.KDS)}
 	if len(opts.TrustedRootsPEM) > 0 {
 		root := trust.AMDRootCertsProduct("Milan")
 		if err := root.FromKDSCertBytes(opts.TrustedRootsPEM); err != nil {
@@ -99,7 +128,7 @@ func New(opts Options) (*Verifier, error) {
 		}
 		v.check.roots = map[string][]*trust.AMDRootCerts{"Milan": {root}}
 	}
-	tok, err := loadOrCreateToken(filepath.Join(opts.DataDir, "admin.token"))
+	tok, err := admintoken.LoadOrCreate(filepath.Join(opts.DataDir, "admin.token"))
 	if err != nil {
 		return nil, err
 	}
@@ -111,11 +140,21 @@ func New(opts Options) (*Verifier, error) {
 		v.store.Close()
 		return nil, err
 	}
+	v.auditLog = newAuditLog(v.store, opts.AuditWindow, func(err error) { v.log.Error("audit write failed", "err", err) })
 	return v, nil
 }
 
-// Close closes the database.
-func (v *Verifier) Close() error { return v.store.Close() }
+// Close writes pending audit counts and closes the database.
+func (v *Verifier) Close() error {
+	v.auditLog.close()
+	return v.store.Close()
+}
+
+// AuditEvents returns audit rows after since (pending coalesced counts are written first).
+func (v *Verifier) AuditEvents(vm string, since uint64, limit int) ([]AuditEvent, error) {
+	v.auditLog.sync()
+	return v.store.AuditEvents(vm, since, limit)
+}
 
 // Store exposes the database (audit reads in tests and the CLI).
 func (v *Verifier) Store() *Store { return v.store }
@@ -123,28 +162,6 @@ func (v *Verifier) Store() *Store { return v.store }
 // AdminTokenPath is where the admin bearer token is kept.
 func (v *Verifier) AdminTokenPath() string { return filepath.Join(v.opts.DataDir, "admin.token") }
 
-func loadOrCreateToken(path string) (string, error) {
-	b, err := os.ReadFile(path)
-	if err == nil {
-		t := strings.TrimSpace(string(b))
-		if len(t) < 32 {
-			return "", fmt.Errorf("admin token %s is too short", path)
-		}
-		return t, nil
-	}
-	if !errors.Is(err, os.ErrNotExist) {
-		return "", fmt.Errorf("read admin token: %w", err)
-	}
-	raw := make([]byte, 32)
-	if _, err := rand.Read(raw); err != nil {
-		return "", err
-	}
-	t := hex.EncodeToString(raw)
-	if err := os.WriteFile(path, []byte(t+"\n"), 0o600); err != nil {
-		return "", fmt.Errorf("write admin token: %w", err)
-	}
-	return t, nil
-}
 
 func (v *Verifier) loadTokenKey() (*ecdsa.PrivateKey, error) {
 	var key *ecdsa.PrivateKey
@@ -210,11 +227,9 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
-// audit commits one audit event on its own (for decisions that change nothing else).
+// audit records a decision that changes nothing else; identical refusals are coalesced.
 func (v *Verifier) audit(e AuditEvent) {
-	if err := v.store.Update(func(tx *Tx) error { return tx.Audit(e) }); err != nil {
-		v.log.Error("audit write failed", "err", err, "event", e.Event)
-	}
+	v.auditLog.record(e)
 	v.log.Info("decision", "event", e.Event, "outcome", e.Outcome, "vm", e.VM, "session", e.Session, "reason", e.Reason)
 }
 
@@ -235,25 +250,46 @@ func (v *Verifier) newSession() (*session, error) {
 			delete(v.sessions, id)
 		}
 	}
-	if len(v.sessions) >= v.opts.MaxSessions {
-		return nil, errors.New("too many sessions")
+	if len(v.sessions) >= v.opts.MaxSessions && !v.evictLocked() {
+		return nil, fmt.Errorf("too many sessions: %d attested sessions await their release", len(v.sessions))
 	}
 	v.sessions[s.id] = s
 	return s, nil
 }
 
-func (v *Verifier) session(r *http.Request) *session {
-	c, err := r.Cookie(protocol.KBSSessionCookie)
-	if err != nil {
-		return nil
+// evictLocked drops the oldest spent session, else the oldest unattested one. Attested
+// sessions are never evicted: only a guest with verified evidence has one.
+func (v *Verifier) evictLocked() bool {
+	for _, st := range []sessionState{sessionSpent, sessionFresh} {
+		var victim *session
+		for _, s := range v.sessions {
+			if s.state == st && (victim == nil || s.created.Before(victim.created)) {
+				victim = s
+			}
+		}
+		if victim != nil {
+			delete(v.sessions, victim.id)
+			return true
+		}
 	}
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	s := v.sessions[c.Value]
+	return false
+}
+
+// lookupLocked finds a live session by id.
+func (v *Verifier) lookupLocked(id string) *session {
+	s := v.sessions[id]
 	if s == nil || time.Since(s.created) > v.opts.SessionTTL {
 		return nil
 	}
 	return s
+}
+
+func (v *Verifier) sessionID(r *http.Request) string {
+	c, err := r.Cookie(protocol.KBSSessionCookie)
+	if err != nil {
+		return ""
+	}
+	return c.Value
 }
 
 func (v *Verifier) handleAuth(w http.ResponseWriter, r *http.Request) {
@@ -282,11 +318,35 @@ func (v *Verifier) handleAuth(w http.ResponseWriter, r *http.Request) {
 }
 
 func (v *Verifier) handleAttest(w http.ResponseWriter, r *http.Request) {
-	s := v.session(r)
+	// One attestation per nonce: the first /attest on a session spends it, whatever follows.
+	v.mu.Lock()
+	s := v.lookupLocked(v.sessionID(r))
+	var state sessionState
+	if s != nil {
+		state = s.state
+		if state == sessionFresh {
+			s.state = sessionAttesting
+		}
+	}
+	v.mu.Unlock()
 	if s == nil {
 		problem(w, http.StatusUnauthorized, "UnAuthenticated", "no valid kbs-session-id cookie; POST /kbs/v0/auth first")
 		return
 	}
+	if state != sessionFresh {
+		ref := refuse("nonce", "this session's nonce was already used for an attestation (one attestation per nonce)")
+		v.audit(AuditEvent{Event: "attest", Outcome: Deny, VM: s.vm, Session: s.id, Reason: ref.Error()})
+		problem(w, http.StatusUnauthorized, "AttestationFailed", ref.Error())
+		return
+	}
+	attested := false
+	defer func() {
+		if !attested {
+			v.mu.Lock()
+			s.state = sessionSpent
+			v.mu.Unlock()
+		}
+	}()
 	deny := func(status int, vm string, ref *Refusal) {
 		v.audit(AuditEvent{Event: "attest", Outcome: Deny, VM: vm, Session: s.id, Reason: ref.Error()})
 		problem(w, status, "AttestationFailed", ref.Error())
@@ -314,16 +374,22 @@ func (v *Verifier) handleAttest(w http.ResponseWriter, r *http.Request) {
 		deny(http.StatusBadRequest, "", refuse("snp-report", "want standard base64 of %d bytes (got %d bytes, err %v)", protocol.ReportSize, len(raw), err))
 		return
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), 20*time.Second)
-	defer cancel()
-	evidence, err := v.check.verifyReport(ctx, raw)
-	if err != nil {
-		deny(http.StatusUnauthorized, "", refuse("signature", "%v", err))
+	// REPORT_DATA first: a report that does not bind this session's nonce and the presented
+	// key is refused before it can make us fetch a certificate.
+	nonce, _ := base64.StdEncoding.DecodeString(s.nonce)
+	if ref := checkReportDataRaw(raw, key, nonce); ref != nil {
+		deny(http.StatusUnauthorized, "", ref)
 		return
 	}
-	nonce, _ := base64.StdEncoding.DecodeString(s.nonce)
-	if ref := checkBinding(evidence.GetReport(), key, nonce); ref != nil {
-		deny(http.StatusUnauthorized, "", ref)
+	ctx, cancel := context.WithTimeout(r.Context(), 20*time.Second)
+	defer cancel()
+	evidence, ref := v.check.verifyReport(ctx, raw)
+	if ref != nil {
+		status := http.StatusUnauthorized
+		if ref.Field == FieldKDSUnavailable {
+			status = http.StatusServiceUnavailable
+		}
+		deny(status, "", ref)
 		return
 	}
 	vm, ref := v.identify(evidence.GetReport().GetHostData(), evidence.GetReport().GetMeasurement())
@@ -344,8 +410,13 @@ func (v *Verifier) handleAttest(w http.ResponseWriter, r *http.Request) {
 		problem(w, http.StatusInternalServerError, "Internal", err.Error())
 		return
 	}
+	var bootRequest uint64
+	if vm.Primed {
+		bootRequest = vm.BootRequest
+	}
 	v.mu.Lock()
-	s.vm, s.key = vm.Name, &key
+	s.vm, s.key, s.evidence, s.bootRequest, s.state = vm.Name, &key, evidence, bootRequest, sessionAttested
+	attested = true
 	v.mu.Unlock()
 	v.audit(AuditEvent{Event: "attest", Outcome: Allow, VM: vm.Name, Session: s.id})
 	writeJSON(w, http.StatusOK, protocol.KBSAttestResponse{Token: token})
@@ -424,44 +495,76 @@ func (v *Verifier) parseToken(raw string) (*tokenClaims, error) {
 	return &c, nil
 }
 
-// handleResource releases the attested VM's secret, consuming its primed boot request.
+// handleResource releases the attested VM's secret, consuming its primed boot request. A
+// session (by cookie, or by the token issued to it) gets one resource request: the session is
+// spent by it, whatever the outcome.
 func (v *Verifier) handleResource(w http.ResponseWriter, r *http.Request) {
-	var vmName, sid string
-	var key protocol.ECPublicKey
-	if s := v.session(r); s != nil {
-		v.mu.Lock()
-		if s.key != nil {
-			vmName, key, sid = s.vm, *s.key, s.id
+	sid, via := v.sessionID(r), "cookie"
+	var tokenKey *protocol.ECPublicKey
+	if sid == "" {
+		if auth := r.Header.Get("Authorization"); strings.HasPrefix(auth, "Bearer ") {
+			c, err := v.parseToken(strings.TrimPrefix(auth, "Bearer "))
+			if err != nil {
+				v.audit(AuditEvent{Event: "release", Outcome: Deny, Reason: "token: " + err.Error()})
+				problem(w, http.StatusUnauthorized, "TokenInvalid", err.Error())
+				return
+			}
+			k, err := c.TeePubKey.ECPublicKey()
+			if err != nil {
+				problem(w, http.StatusUnauthorized, "TokenInvalid", err.Error())
+				return
+			}
+			sid, via, tokenKey = c.ID, "token", &k
 		}
-		v.mu.Unlock()
-	} else if auth := r.Header.Get("Authorization"); strings.HasPrefix(auth, "Bearer ") {
-		c, err := v.parseToken(strings.TrimPrefix(auth, "Bearer "))
-		if err != nil {
-			v.audit(AuditEvent{Event: "release", Outcome: Deny, Reason: "token: " + err.Error()})
-			problem(w, http.StatusUnauthorized, "TokenInvalid", err.Error())
-			return
-		}
-		k, err := c.TeePubKey.ECPublicKey()
-		if err != nil {
-			problem(w, http.StatusUnauthorized, "TokenInvalid", err.Error())
-			return
-		}
-		vmName, key, sid = c.VM, k, c.ID
 	}
-	if vmName == "" {
-		v.audit(AuditEvent{Event: "release", Outcome: Deny, Reason: "session: no attested session or token"})
-		problem(w, http.StatusUnauthorized, "UnAuthenticated", "no attested session or token")
+	v.mu.Lock()
+	s := v.lookupLocked(sid)
+	var grant session
+	if s != nil {
+		grant = *s
+		if s.state == sessionAttested {
+			s.state = sessionSpent // one release per session, allowed or not
+		}
+	}
+	v.mu.Unlock()
+	if s == nil || grant.state != sessionAttested {
+		reason := "session: no attested session or token"
+		if s != nil {
+			reason = fmt.Sprintf("session: %s %s is spent (one attestation per nonce, one release per session)", via, sid)
+		}
+		v.audit(AuditEvent{Event: "release", Outcome: Deny, VM: grant.vm, Session: sid, Reason: reason})
+		problem(w, http.StatusUnauthorized, "UnAuthenticated", reason)
+		return
+	}
+	if tokenKey != nil && (!bytes.Equal(tokenKey.X, grant.key.X) || !bytes.Equal(tokenKey.Y, grant.key.Y)) {
+		ref := refuse("token", "token's tee-pubkey is not the key its session attested")
+		v.audit(AuditEvent{Event: "release", Outcome: Deny, VM: grant.vm, Session: sid, Reason: ref.Error()})
+		problem(w, http.StatusUnauthorized, "TokenInvalid", ref.Error())
 		return
 	}
 	path := r.PathValue("repo") + "/" + r.PathValue("type") + "/" + r.PathValue("tag")
 	// "vm/<name>/state-key" names the VM explicitly; the upstream default path means "the
 	// attested VM's state key".
-	if r.PathValue("repo") == "vm" && r.PathValue("type") != vmName {
-		v.audit(AuditEvent{Event: "release", Outcome: Deny, VM: vmName, Session: sid, Reason: fmt.Sprintf("resource %s names another VM", path)})
-		problem(w, http.StatusForbidden, "PolicyDeny", fmt.Sprintf("session attested vm %s, resource %s names another", vmName, path))
+	if r.PathValue("repo") == "vm" && r.PathValue("type") != grant.vm {
+		v.audit(AuditEvent{Event: "release", Outcome: Deny, VM: grant.vm, Session: sid, Reason: fmt.Sprintf("resource %s names another VM", path)})
+		problem(w, http.StatusForbidden, "PolicyDeny", fmt.Sprintf("session attested vm %s, resource %s names another", grant.vm, path))
 		return
 	}
-	jwe, ref, err := v.release(vmName, sid, key)
+	gate := func(vm *VM) *Refusal {
+		if grant.bootRequest == 0 || grant.bootRequest != vm.BootRequest {
+			return refuse("boot_request", "the evidence was verified before boot request %d of vm %s was primed; attest again", vm.BootRequest, vm.Name)
+		}
+		// The policy in force now, not at attestation: a withdrawn measurement is refused at once.
+		if err := checkPolicy(vm, grant.evidence); err != nil {
+			var rf *Refusal
+			if !errors.As(err, &rf) {
+				rf = refuse("policy", "%v", err)
+			}
+			return rf
+		}
+		return nil
+	}
+	jwe, ref, err := v.release(grant.vm, sid, *grant.key, gate)
 	switch {
 	case err != nil:
 		problem(w, http.StatusInternalServerError, "Internal", err.Error())
@@ -472,9 +575,13 @@ func (v *Verifier) handleResource(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// releaseGate re-checks, inside the release transaction, what the session's evidence is still
+// good for under the VM's current record.
+type releaseGate func(vm *VM) *Refusal
+
 // release decides and commits, in one durable transaction, the consumption of the boot
 // request, the boot record and the audit event; only then is the JWE returned.
-func (v *Verifier) release(vmName, sid string, key protocol.ECPublicKey) (*protocol.FlattenedJWE, *Refusal, error) {
+func (v *Verifier) release(vmName, sid string, key protocol.ECPublicKey, gate releaseGate) (*protocol.FlattenedJWE, *Refusal, error) {
 	bootID := make([]byte, protocol.BootIDSize)
 	confirmKey := make([]byte, 32)
 	if _, err := rand.Read(bootID); err != nil {
@@ -492,6 +599,9 @@ func (v *Verifier) release(vmName, sid string, key protocol.ECPublicKey) (*proto
 		}
 		if !vm.Primed {
 			ref = refuse("boot_request", "no primed boot request for vm %s (already released %d times; a clone or replay?)", vm.Name, vm.Releases)
+			return tx.Audit(AuditEvent{Event: "release", Outcome: Deny, VM: vm.Name, Session: sid, Reason: ref.Error()})
+		}
+		if ref = gate(vm); ref != nil {
 			return tx.Audit(AuditEvent{Event: "release", Outcome: Deny, VM: vm.Name, Session: sid, Reason: ref.Error()})
 		}
 		var secret []byte
@@ -536,7 +646,8 @@ func (v *Verifier) release(vmName, sid string, key protocol.ECPublicKey) (*proto
 	return out, nil, nil
 }
 
-// handleConfirm records that a boot's state durably holds a counter (PROTOCOLS.md §3).
+// handleConfirm records that a boot's state durably holds a counter (PROTOCOLS.md §3). The
+// answer is the protocol message the guest checks: 200 for every answer, success or not.
 func (v *Verifier) handleConfirm(w http.ResponseWriter, r *http.Request) {
 	var req protocol.ConfirmRequest
 	if err := readJSON(r, &req); err != nil {
@@ -558,23 +669,29 @@ func (v *Verifier) handleConfirm(w http.ResponseWriter, r *http.Request) {
 // Confirm applies the confirmation rules: the boot must be the VM's latest release, the MAC
 // must verify, and the counter must be the confirmed one (idempotent repeat) or one more.
 // One more is accepted once per boot by default, and any number of times, one step at a
-// time, in write-through mode.
+// time, in write-through mode. Every answer to a known boot is authenticated with the boot's
+// answer key and bound to the request it answers.
 func (v *Verifier) Confirm(req *protocol.ConfirmRequest) (*protocol.ConfirmResponse, error) {
 	id := hex.EncodeToString(req.BootID)
-	resp := &protocol.ConfirmResponse{}
+	var resp *protocol.ConfirmResponse
 	err := v.store.Update(func(tx *Tx) error {
-		deny := func(vm string, counter uint64, format string, args ...any) error {
-			resp.Success, resp.Reason, resp.Counter = false, fmt.Sprintf(format, args...), counter
-			c := req.Counter
-			return tx.Audit(AuditEvent{Event: "confirm", Outcome: Deny, VM: vm, BootID: id, Counter: &c, Reason: resp.Reason})
-		}
+		c := req.Counter
 		boot, err := tx.Boot(id)
 		if errors.Is(err, ErrNotFound) {
-			return deny("", 0, "unknown boot id")
+			resp = protocol.UnauthenticatedAnswer(req, "unknown boot id")
+			return tx.Audit(AuditEvent{Event: "confirm", Outcome: Deny, BootID: id, Counter: &c, Reason: resp.Reason})
 		} else if err != nil {
 			return err
 		}
-		if err := req.Verify(boot.ConfirmKey); err != nil {
+		keys, err := protocol.DeriveConfirmKeys(boot.ConfirmKey)
+		if err != nil {
+			return err
+		}
+		deny := func(vm string, counter uint64, format string, args ...any) error {
+			resp = protocol.NewConfirmAnswer(keys, req, false, counter, fmt.Sprintf(format, args...))
+			return tx.Audit(AuditEvent{Event: "confirm", Outcome: Deny, VM: vm, BootID: id, Counter: &c, Reason: resp.Reason})
+		}
+		if err := req.Verify(keys); err != nil {
 			return deny(boot.VM, 0, "mac does not verify")
 		}
 		vm, err := tx.VM(boot.VM)
@@ -586,7 +703,7 @@ func (v *Verifier) Confirm(req *protocol.ConfirmRequest) (*protocol.ConfirmRespo
 		}
 		switch {
 		case req.Counter == vm.Counter && boot.Confirmed >= boot.Next && boot.Confirmed == req.Counter:
-			resp.Success, resp.Counter = true, vm.Counter // idempotent repeat
+			resp = protocol.NewConfirmAnswer(keys, req, true, vm.Counter, "") // idempotent repeat
 			return nil
 		case req.Counter == vm.Counter+1 && (req.Counter == boot.Next || (vm.WriteThrough && boot.Confirmed >= boot.Next)):
 			vm.Counter = req.Counter
@@ -597,8 +714,7 @@ func (v *Verifier) Confirm(req *protocol.ConfirmRequest) (*protocol.ConfirmRespo
 			if err := tx.PutBoot(boot); err != nil {
 				return err
 			}
-			resp.Success, resp.Counter = true, vm.Counter
-			c := req.Counter
+			resp = protocol.NewConfirmAnswer(keys, req, true, vm.Counter, "")
 			return tx.Audit(AuditEvent{Event: "confirm", Outcome: Allow, VM: vm.Name, BootID: id, Counter: &c})
 		default:
 			return deny(vm.Name, vm.Counter, "counter %d is neither the confirmed counter %d nor the next step", req.Counter, vm.Counter)

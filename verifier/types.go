@@ -37,25 +37,30 @@ type VM struct {
 	Counter  uint64    `json:"counter"`   // confirmed counter the state must hold
 	Primed   bool      `json:"primed"`    // one boot request is pending
 	PrimedAt time.Time `json:"primed_at,omitzero"`
-	LastBoot string    `json:"last_boot,omitempty"`
-	Releases uint64    `json:"releases"`
-	Created  time.Time `json:"created"`
+	// BootRequest numbers the boot requests (+1 per prime). A release needs evidence that
+	// was verified while this very request was pending.
+	BootRequest uint64    `json:"boot_request"`
+	LastBoot    string    `json:"last_boot,omitempty"`
+	Releases    uint64    `json:"releases"`
+	Created     time.Time `json:"created"`
 }
 
 // VMView is what the admin API shows: no key material.
 type VMView struct {
 	VMSpec
-	ID       HexBytes  `json:"id"`
-	Counter  uint64    `json:"counter"`
-	Primed   bool      `json:"primed"`
-	LastBoot string    `json:"last_boot,omitempty"`
-	Releases uint64    `json:"releases"`
-	Created  time.Time `json:"created"`
+	ID          HexBytes  `json:"id"`
+	Counter     uint64    `json:"counter"`
+	Primed      bool      `json:"primed"`
+	BootRequest uint64    `json:"boot_request"`
+	LastBoot    string    `json:"last_boot,omitempty"`
+	Releases    uint64    `json:"releases"`
+	Created     time.Time `json:"created"`
 }
 
 // View hides key material.
 func (v *VM) View() VMView {
-	return VMView{VMSpec: v.VMSpec, ID: v.ID, Counter: v.Counter, Primed: v.Primed, LastBoot: v.LastBoot, Releases: v.Releases, Created: v.Created}
+	return VMView{VMSpec: v.VMSpec, ID: v.ID, Counter: v.Counter, Primed: v.Primed, BootRequest: v.BootRequest,
+		LastBoot: v.LastBoot, Releases: v.Releases, Created: v.Created}
 }
 
 // Boot is one release of a VM's key.
@@ -80,6 +85,9 @@ type AuditEvent struct {
 	Reason  string    `json:"reason,omitempty"`
 	BootID  string    `json:"boot_id,omitempty"`
 	Counter *uint64   `json:"counter,omitempty"`
+	// Repeats, when set, says this row stands for that many further decisions identical to
+	// the row before it with the same event, outcome, VM and reason (coalesced refusals).
+	Repeats uint64 `json:"repeats,omitempty"`
 }
 
 // Audit outcomes.

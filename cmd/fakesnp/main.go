@@ -24,7 +24,7 @@ func main() {
 
 func newRoot() *cobra.Command {
 	root := &cobra.Command{Use: "fakesnp", Short: "Simulated AMD-SP: signs SNP reports, serves a fake KDS", SilenceUsage: true, SilenceErrors: true}
-	var stateDir, listen, addrFile, logFormat, logLevel string
+	var stateDir, socketDir, listen, addrFile, logFormat, logLevel string
 	var rsaBits int
 	serve := &cobra.Command{
 		Use:   "serve",
@@ -33,7 +33,7 @@ func newRoot() *cobra.Command {
 			log := daemon.Logger("fakesnp", logFormat, logLevel)
 			ctx, stop := daemon.SignalContext()
 			defer stop()
-			s, err := fakesnp.New(fakesnp.Options{StateDir: stateDir, RSABits: rsaBits, Logger: log})
+			s, err := fakesnp.New(fakesnp.Options{StateDir: stateDir, SocketDir: socketDir, RSABits: rsaBits, Logger: log})
 			if err != nil {
 				return err
 			}
@@ -42,11 +42,13 @@ func newRoot() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			log.Info("fakesnp serving", "addr", ln.Addr().String(), "state_dir", stateDir)
+			log.Info("fakesnp serving", "addr", ln.Addr().String(), "state_dir", stateDir,
+				"admin_token_file", filepath.Join(stateDir, "admin.token"))
 			return s.ServeHTTP(ctx, ln)
 		},
 	}
 	serve.Flags().StringVar(&stateDir, "state-dir", "", "directory for the fake AMD chain, chip secrets and launch registry (required)")
+	serve.Flags().StringVar(&socketDir, "socket-dir", "", "the only directory launch sockets may be created in (default STATE_DIR/launches)")
 	serve.Flags().StringVar(&listen, "listen", "127.0.0.1:0", "HTTP address (host:port or unix:/path) for the KDS and admin API")
 	serve.Flags().StringVar(&addrFile, "addr-file", "", "write the bound address here once listening")
 	serve.Flags().IntVar(&rsaBits, "rsa-bits", 4096, "ARK/ASK key size when creating a new chain")

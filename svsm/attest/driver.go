@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"time"
 
 	"github.com/google/go-sev-guest/client"
@@ -135,23 +136,57 @@ func Attest(ctx context.Context, c Conn, qp client.QuoteProvider) (*Result, erro
 	return &Result{Secret: secret, Challenge: bytes.Clone(neg.Challenge), Report: report}, nil
 }
 
-// Confirm sends a 0.2.0 confirmation on a fresh connection c and returns the verifier's answer.
-func Confirm(ctx context.Context, c Conn, key, bootID []byte, counter uint64) (*protocol.ConfirmResponse, error) {
+// Confirmation failure kinds: the SVSM turns each into its fail-closed reason.
+var (
+	// ErrConfirmUnauthenticated: an answer came, but not the verifier's authenticated answer
+	// to this request (forged, replayed, reflected, downgraded, or an unauthenticated refusal).
+	ErrConfirmUnauthenticated = errors.New("confirm answer not authenticated")
+	// ErrConfirmRefused: the verifier's authenticated refusal.
+	ErrConfirmRefused = errors.New("confirmation refused by the verifier")
+	// ErrConfirmTimeout: no answer within the bound.
+	ErrConfirmTimeout = errors.New("no confirm answer within the bound")
+	// ErrConfirmNoAnswer: the channel closed or failed before an answer.
+	ErrConfirmNoAnswer = errors.New("no confirm answer")
+)
+
+// Confirm sends a 0.3.0 confirmation on a fresh connection c and returns the verifier's
+// authenticated success. Anything else is an *Error wrapping one of the ErrConfirm kinds.
+func Confirm(ctx context.Context, c Conn, keys protocol.ConfirmKeys, bootID []byte, counter uint64) (*protocol.ConfirmResponse, error) {
 	defer withDeadline(ctx, c)()
-	req := protocol.NegotiationRequest{Version: protocol.VersionConfirm, Tee: protocol.TeeSNP, Confirm: protocol.NewConfirmRequest(key, bootID, counter)}
-	if err := send(c, req); err != nil {
+	nonce := make([]byte, protocol.ConfirmNonceSize)
+	if _, err := rand.Read(nonce); err != nil {
 		return nil, &Error{StepConfirm, err}
+	}
+	creq := protocol.NewConfirmRequest(keys, bootID, counter, nonce)
+	wrap := func(kind error, format string, a ...any) error {
+		return &Error{StepConfirm, fmt.Errorf("%w: %s", kind, fmt.Sprintf(format, a...))}
+	}
+	ioErr := func(err error) error {
+		if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) || ctx.Err() != nil {
+			return wrap(ErrConfirmTimeout, "%v", err)
+		}
+		return wrap(ErrConfirmNoAnswer, "%v", err)
+	}
+	if err := send(c, protocol.NegotiationRequest{Version: protocol.VersionConfirm, Tee: protocol.TeeSNP, Confirm: creq}); err != nil {
+		return nil, ioErr(err)
 	}
 	body, err := protocol.ReadFrame(c, protocol.MaxFrameSize)
 	if err != nil {
-		return nil, &Error{StepConfirm, err}
+		return nil, ioErr(err)
 	}
-	var resp protocol.ConfirmResponse
-	if err := json.Unmarshal(body, &resp); err != nil {
-		return nil, &Error{StepConfirm, err}
+	resp, err := protocol.DecodeConfirmResponse(body)
+	if err != nil {
+		return nil, wrap(ErrConfirmUnauthenticated, "%v", err)
+	}
+	if err := resp.VerifyAnswer(keys, creq); err != nil {
+		return nil, wrap(ErrConfirmUnauthenticated, "%v", err)
 	}
 	if !resp.Success {
-		return &resp, &Error{StepConfirm, fmt.Errorf("refused: %s", resp.Reason)}
+		return resp, wrap(ErrConfirmRefused, "%s (verifier's counter %d)", resp.Reason, resp.Confirmed)
 	}
-	return &resp, nil
+	if resp.Confirmed != counter {
+		// An authenticated success must confirm what was asked; anything else is a verifier bug.
+		return resp, wrap(ErrConfirmRefused, "verifier confirmed %d, asked %d", resp.Confirmed, counter)
+	}
+	return resp, nil
 }

@@ -129,8 +129,9 @@ type Store struct {
 	aead   cipher.AEAD
 	vmID   [VMIDSize]byte
 	rand   io.Reader
-	newest int // slot holding the newest valid generation, -1 if none
-	gen    uint64
+	newest int // slot the next write must not overwrite (the state in use), -1 if none
+	gen    uint64 // highest valid generation on disk
+	valid  []*State
 	// Problems found by Open in slots that were not used (reported, then repaired by the
 	// next write to that slot).
 	Problems []*SlotError
@@ -170,12 +171,15 @@ func Open(dev Device, opts Options) (*Store, *State, error) {
 				return nil, nil, fmt.Errorf("read state slot %s: %w", SlotName(i), err)
 			}
 			problems = append(problems, se)
-		case best == nil || st.Generation > best.Generation:
-			best = st
-		case st.Generation == best.Generation:
+		case best != nil && st.Generation == best.Generation:
 			// Two slots never share a generation; treat it as tampering with the later one.
 			problems = append(problems, &SlotError{Slot: i, Check: CheckFields,
 				Detail: fmt.Sprintf("generation %d duplicates slot %s", st.Generation, SlotName(best.Slot))})
+		default:
+			s.valid = append(s.valid, st)
+			if best == nil || st.Generation > best.Generation {
+				best = st
+			}
 		}
 	}
 	s.Problems = problems
@@ -187,6 +191,24 @@ func Open(dev Device, opts Options) (*Store, *State, error) {
 	}
 	s.newest, s.gen = best.Slot, best.Generation
 	return s, best, nil
+}
+
+// Use makes the newest valid state that holds counter the one in use, if there is one, and
+// returns it. The next Write then goes to the other slot, overwriting whatever was newer.
+// The SVSM uses it to come up with the last confirmed state when the newest slot holds an
+// advance the verifier never confirmed.
+func (s *Store) Use(counter uint64) (*State, bool) {
+	var pick *State
+	for _, st := range s.valid {
+		if st.Counter == counter && (pick == nil || st.Generation > pick.Generation) {
+			pick = st
+		}
+	}
+	if pick == nil {
+		return nil, false
+	}
+	s.newest = pick.Slot
+	return pick, true
 }
 
 var errSlotEmpty = errors.New("slot empty")

@@ -286,3 +286,38 @@ func FuzzOpen(f *testing.F) {
 		}
 	})
 }
+
+// TestUseFallsBackToAnOlderCounter: the SVSM asks for the state at the confirmed counter when
+// the newest slot holds an unconfirmed advance; the next write then replaces the newer slot.
+func TestUseFallsBackToAnOlderCounter(t *testing.T) {
+	d := &memDisk{}
+	s, _, _ := Open(d, opts(1, 2))
+	if _, err := s.Write(4, []byte("confirmed")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Write(5, []byte("unconfirmed")); err != nil {
+		t.Fatal(err)
+	}
+	s, newest := mustOpen(t, d, opts(1, 2))
+	if newest.Counter != 5 {
+		t.Fatalf("newest holds %d", newest.Counter)
+	}
+	if _, ok := s.Use(9); ok {
+		t.Fatal("Use found a counter no slot holds")
+	}
+	st, ok := s.Use(4)
+	if !ok || string(st.Body) != "confirmed" || st.Slot != 0 {
+		t.Fatalf("Use(4) = %+v, %v", st, ok)
+	}
+	w, err := s.Write(5, []byte("again"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w.Slot != 1 || w.Generation != 3 {
+		t.Fatalf("write after Use: slot %d gen %d, want slot 1 gen 3 (over the unconfirmed one)", w.Slot, w.Generation)
+	}
+	_, got := mustOpen(t, d, opts(1, 2))
+	if string(got.Body) != "again" {
+		t.Fatalf("reopen: %q", got.Body)
+	}
+}
