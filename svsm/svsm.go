@@ -38,22 +38,22 @@ type Config struct {
 
 // Codes name why the SVSM failed closed; they are the "reason" of the final event.
 const (
-	CodeAttestation    = "attestation-failed"
-	CodeSecret         = "bad-secret"
-	CodeStateIO        = "state-io"
-	CodeStateCorrupt   = "state-corrupt"
-	CodeStateWiped     = "state-missing"
-	CodeStale          = "stale-state"
-	CodeAhead          = "state-ahead-of-verifier"
+	CodeAttestation  = "attestation-failed"
+	CodeSecret       = "bad-secret"
+	CodeStateIO      = "state-io"
+	CodeStateCorrupt = "state-corrupt"
+	CodeStateWiped   = "state-missing"
+	CodeStale        = "stale-state"
+	CodeAhead        = "state-ahead-of-verifier"
 	// Confirmation: anything but the verifier's authenticated success stops the SVSM.
 	CodeConfirmUnauthenticated = "confirm-unauthenticated"
 	CodeConfirmRefused         = "confirm-refused"
 	CodeConfirmTimeout         = "confirm-timeout"
 	CodeConfirmNoAnswer        = "confirm-no-answer"
 	CodeConfirmUnreachable     = "confirm-unreachable"
-	CodeTPM            = "vtpm-failed"
-	CodeUEFI           = "uefi-vars-failed"
-	CodeStateBodyError = "state-body-invalid"
+	CodeTPM                    = "vtpm-failed"
+	CodeUEFI                   = "uefi-vars-failed"
+	CodeStateBodyError         = "state-body-invalid"
 )
 
 // Error is a fail-closed stop of the SVSM with a stable code.

@@ -162,7 +162,6 @@ func (v *Verifier) Store() *Store { return v.store }
 // AdminTokenPath is where the admin bearer token is kept.
 func (v *Verifier) AdminTokenPath() string { return filepath.Join(v.opts.DataDir, "admin.token") }
 
-
 func (v *Verifier) loadTokenKey() (*ecdsa.PrivateKey, error) {
 	var key *ecdsa.PrivateKey
 	err := v.store.Update(func(tx *Tx) error {

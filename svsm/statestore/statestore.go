@@ -129,7 +129,7 @@ type Store struct {
 	aead   cipher.AEAD
 	vmID   [VMIDSize]byte
 	rand   io.Reader
-	newest int // slot the next write must not overwrite (the state in use), -1 if none
+	newest int    // slot the next write must not overwrite (the state in use), -1 if none
 	gen    uint64 // highest valid generation on disk
 	valid  []*State
 	// Problems found by Open in slots that were not used (reported, then repaired by the
