@@ -175,7 +175,7 @@ func run(ctx context.Context, cfg Config, em *emitter) (Outcome, error) {
 	bootCtx, cancel := context.WithTimeout(ctx, 4*timeout)
 	defer cancel()
 	s, err := svsm.Boot(bootCtx, svsm.Config{
-		Proxy: dial, Quote: attest.NewChannelQuoteProvider(snp, timeout), StateDisk: disk, Events: em,
+		Proxy: dial, Quote: attest.NewChannelQuoteProvider(snp, timeout), StateDisk: disk, Events: em, ExchangeTimeout: timeout,
 	})
 	if err != nil {
 		return "", svsmFail(err)

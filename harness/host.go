@@ -101,6 +101,9 @@ type Host struct {
 	log         *slog.Logger
 	runDir      string
 	ownRunDir   bool
+	// proxyVerifierURL, when set, is where svsm-proxy sends KBS traffic instead of the
+	// verifier (a tap on the host's network).
+	proxyVerifierURL string
 }
 
 // RunPath names a socket of this host. Sockets live in WorkDir/run unless that path could
@@ -270,8 +273,12 @@ func (h *Host) RestartProxy(ctx context.Context) error {
 func (h *Host) startProxy(ctx context.Context) error {
 	h.ProxySocket = h.RunPath("proxy.sock")
 	addrFile := h.path("run", "proxy.addr")
+	verifierURL := h.VerifierURL
+	if h.proxyVerifierURL != "" {
+		verifierURL = h.proxyVerifierURL
+	}
 	p, _, err := h.launch(ctx, "svsm-proxy", h.opts.Binaries.Proxy,
-		[]string{"--listen-unix", h.ProxySocket, "--addr-file", addrFile, "--verifier-url", h.VerifierURL, "--step-timeout", "30s", "--persistent"}, addrFile)
+		[]string{"--listen-unix", h.ProxySocket, "--addr-file", addrFile, "--verifier-url", verifierURL, "--step-timeout", "30s", "--persistent"}, addrFile)
 	h.Proxy = p
 	return err
 }

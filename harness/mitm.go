@@ -32,6 +32,9 @@ type Verdict struct {
 	Body  []byte        // sent instead of the original when non-nil
 	Drop  bool          // close both sides instead of forwarding
 	Delay time.Duration // wait before forwarding
+	// Reply, when non-nil, is sent back to the frame's sender instead of forwarding the frame:
+	// the host answering in the other side's place.
+	Reply []byte
 }
 
 // MITM sits on the §1 channel between a guest and svsm-proxy: the host's power to drop,
@@ -108,6 +111,12 @@ func (m *MITM) relay(n int, guest net.Conn) {
 	_ = guest.SetDeadline(deadline)
 	_ = proxy.SetDeadline(deadline)
 	var wg sync.WaitGroup
+	var wmu [2]sync.Mutex // one writer at a time per side: replies share the sender's side
+	write := func(side int, c net.Conn, body []byte) error {
+		wmu[side].Lock()
+		defer wmu[side].Unlock()
+		return protocol.WriteFrame(c, body)
+	}
 	pipe := func(dir Direction, from, to net.Conn) {
 		defer wg.Done()
 		defer from.Close()
@@ -128,10 +137,16 @@ func (m *MITM) relay(n int, guest net.Conn) {
 			if v.Delay > 0 {
 				time.Sleep(v.Delay)
 			}
+			if v.Reply != nil {
+				if err := write(int(dir), from, v.Reply); err != nil {
+					return
+				}
+				continue
+			}
 			if v.Body != nil {
 				body = v.Body
 			}
-			if err := protocol.WriteFrame(to, body); err != nil && !errors.Is(err, net.ErrClosed) {
+			if err := write(1-int(dir), to, body); err != nil && !errors.Is(err, net.ErrClosed) {
 				return
 			}
 		}

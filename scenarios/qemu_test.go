@@ -162,4 +162,28 @@ var _ = Describe("QEMU", Label("backend:qemu", "slow"), func() {
 		run = bootWith(vm, harness.BootOptions{NoRecovery: true})
 		expectFailed(run, protocol.LayerOS, "fde-locked")
 	})
+
+	It("a forged confirmation answer: the VM fails closed before firmware; the next boot works", Label("attack"), func() {
+		expectBooted(boot(vm, "data-write=kept"))
+		tap := startConfirmMITM(s, vm, "mitm")
+		tap.set(func(f harness.Frame, _ bool) harness.Verdict {
+			if f.Dir != harness.ToProxy {
+				return harness.Verdict{}
+			}
+			return harness.Verdict{Reply: []byte(`{"success":true,"counter":2}`)}
+		})
+		n := len(audit(s, vm.Registration))
+		run := boot(vm)
+		expectFailed(run, protocol.LayerSVSM, "confirm-unauthenticated")
+		noEvent(run, "measured")
+		for _, e := range auditAfter(s, vm.Registration, n) {
+			Expect(e.Event).NotTo(Equal("confirm"), "the verifier saw no confirmation: %+v", e)
+		}
+		Expect(view(vm).Counter).To(Equal(uint64(1)))
+		tap.set(nil)
+		run = boot(vm, "data-read")
+		expectBooted(run)
+		Expect(action(run, "data-read").String("data")).To(Equal("kept"))
+		Expect(view(vm).Counter).To(Equal(uint64(2)))
+	})
 })

@@ -19,9 +19,16 @@ import (
 	"github.com/svsm-e2e/svsm-e2e/verifier"
 )
 
-// sendRaw writes raw bytes on a unix socket and reports whether the server closed the
-// connection (rather than answering normally) within a bound.
-func sendRaw(path string, b []byte) (closed bool) {
+// rawReply is what a server sent back to raw bytes: the whole frames it wrote before it
+// closed the connection (or went quiet for a bound).
+type rawReply struct {
+	Frames [][]byte
+	Closed bool
+}
+
+// sendRaw writes raw bytes on a unix socket, ends its side of the connection, and collects
+// the server's answer frames until it closes (or is quiet for 10 s).
+func sendRaw(path string, b []byte) rawReply {
 	GinkgoHelper()
 	c, err := net.DialTimeout("unix", path, 5*time.Second)
 	Expect(err).NotTo(HaveOccurred())
@@ -31,13 +38,16 @@ func sendRaw(path string, b []byte) (closed bool) {
 	if uc, ok := c.(*net.UnixConn); ok {
 		_ = uc.CloseWrite()
 	}
-	buf := make([]byte, 4096)
-	for {
-		_, err := c.Read(buf)
+	var r rawReply
+	for len(r.Frames) < 8 {
+		f, err := protocol.ReadFrame(c, protocol.MaxFrameSize)
 		if err != nil {
-			return !isTimeout(err)
+			r.Closed = !isTimeout(err)
+			return r
 		}
+		r.Frames = append(r.Frames, f)
 	}
+	return r
 }
 
 func isTimeout(err error) bool {
@@ -51,31 +61,96 @@ func frame(body []byte, claimed uint64) []byte {
 	return append(b, body...)
 }
 
+// proxyVerdict tells how svsm-proxy took raw input: "accepted" when it went on with the
+// protocol (a negotiation response), "refused: ..." when it closed without one, saying
+// whether it answered with the protocol's failure message first.
+func proxyVerdict(r rawReply) string {
+	for _, f := range r.Frames {
+		if bytes.Contains(f, []byte(`"challenge"`)) {
+			return "accepted"
+		}
+	}
+	if !r.Closed {
+		return "kept open"
+	}
+	for _, f := range r.Frames {
+		if bytes.Contains(f, []byte(`"success":false`)) {
+			return "refused: failure answer"
+		}
+		return "refused: unexpected answer " + string(f)
+	}
+	return "refused: closed"
+}
+
+// snpVerdict tells how fakesnp took raw input: "accepted" when it signed a report, "refused:
+// invalid parameters" for STATUS 0x16, "refused: closed" when it dropped the connection.
+func snpVerdict(r rawReply) string {
+	for _, f := range r.Frames {
+		var rsp protocol.ReportResponse
+		if err := rsp.UnmarshalBinary(f); err != nil {
+			return "refused: malformed answer"
+		}
+		if rsp.Status == 0 && len(rsp.Report) == protocol.ReportSize {
+			return "accepted"
+		}
+		if rsp.Status == protocol.StatusInvalidParams {
+			return "refused: invalid parameters"
+		}
+	}
+	if !r.Closed {
+		return "kept open"
+	}
+	return "refused: closed"
+}
+
 var _ = Describe("Bad input", Label("backend:process", "attack"), func() {
-	It("proxy and fakesnp drop hostile connections with a clear error and keep serving", func() {
+	It("proxy and fakesnp tell hostile input from valid input, refuse it clearly and keep serving", func() {
 		s := newStack()
 		vm := newVM(s, harness.VMOptions{Name: "vm"})
 		expectBooted(boot(vm))
-		for name, b := range map[string][]byte{
-			"oversized length":   frame(nil, 1<<40),
-			"invalid JSON":       frame([]byte("{not json"), 9),
-			"wrong version":      frame([]byte(`{"version":[9,9,9],"tee":"snp"}`), 31),
-			"truncated frame":    frame([]byte(`{"version":`), 100),
-			"garbage, no frame":  []byte("\x1b[2J\x1b[H garbage on the serial line"),
-			"empty frame":        frame(nil, 0),
-			"null-secret answer": frame([]byte(`{"success":true,"secret":null}`), 30),
+		badConfirm := `{"version":[0,3,0],"tee":"snp","confirm":{"boot_id":"AAAA","counter":1,"nonce":"AAAA","mac":"AAAA"}}`
+		unknownBoot := `{"version":[0,3,0],"tee":"snp","confirm":{"boot_id":"AAAAAAAAAAAAAAAAAAAAAA==","counter":1,` +
+			`"nonce":"AAAAAAAAAAAAAAAAAAAAAA==","mac":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}}`
+		for _, tc := range []struct {
+			name, want string
+			b          []byte
+		}{
+			{"a valid negotiation request (control)", "accepted", frame([]byte(`{"version":[0,1,0],"tee":"snp"}`), 31)},
+			{"oversized length", "refused: closed", frame(nil, 1<<40)},
+			{"invalid JSON", "refused: closed", frame([]byte("{not json"), 9)},
+			{"wrong version", "refused: closed", frame([]byte(`{"version":[9,9,9],"tee":"snp"}`), 31)},
+			{"confirmation 0.2.0", "refused: closed", frame([]byte(`{"version":[0,2,0],"tee":"snp","confirm":{}}`), 45)},
+			{"confirmation with short fields", "refused: closed", frame([]byte(badConfirm), uint64(len(badConfirm)))},
+			{"truncated frame", "refused: closed", frame([]byte(`{"version":`), 100)},
+			{"garbage, no frame", "refused: closed", []byte("\x1b[2J\x1b[H garbage on the serial line")},
+			{"empty frame", "refused: closed", frame(nil, 0)},
+			{"null-secret answer", "refused: closed", frame([]byte(`{"success":true,"secret":null}`), 30)},
 		} {
-			By("proxy: " + name)
-			Expect(sendRaw(s.ProxySocket(), b)).To(BeTrue(), "proxy must close the connection on %s", name)
+			By("proxy: " + tc.name)
+			Expect(proxyVerdict(sendRaw(s.ProxySocket(), tc.b))).To(Equal(tc.want), tc.name)
 		}
-		for name, b := range map[string][]byte{
-			"oversized length": frame(nil, 1<<40),
-			"short request":    frame(make([]byte, 95), 95),
-			"long request":     frame(make([]byte, 97), 97),
-			"truncated frame":  frame(make([]byte, 10), 96),
+		By("proxy: a well-formed confirmation for an unknown boot is forwarded; the verifier's refusal cannot be authenticated")
+		r := sendRaw(s.ProxySocket(), frame([]byte(unknownBoot), uint64(len(unknownBoot))))
+		Expect(r.Frames).To(HaveLen(1))
+		answer, err := protocol.DecodeConfirmResponse(r.Frames[0])
+		Expect(err).NotTo(HaveOccurred())
+		Expect(answer.Success).To(BeFalse())
+		Expect(answer.MAC).To(BeEmpty())
+		Expect(answer.Reason).To(ContainSubstring("unknown boot id"))
+
+		valid := make([]byte, 96)
+		for _, tc := range []struct {
+			name, want string
+			b          []byte
+		}{
+			{"a valid report request (control)", "accepted", frame(valid, 96)},
+			{"oversized length", "refused: closed", frame(nil, 1<<40)},
+			{"short request", "refused: invalid parameters", frame(make([]byte, 95), 95)},
+			{"long request (beyond the frame bound)", "refused: closed", frame(make([]byte, 97), 97)},
+			{"truncated frame", "refused: closed", frame(make([]byte, 10), 96)},
 		} {
-			By("fakesnp: " + name)
-			Expect(sendRaw(vm.SNPSocket(), b)).To(BeTrue(), "fakesnp must close the connection on %s", name)
+			By("fakesnp: " + tc.name)
+			Expect(snpVerdict(sendRaw(vm.SNPSocket(), tc.b))).To(Equal(tc.want), tc.name)
 		}
 		By("the servers still serve a real boot")
 		expectBooted(boot(vm))

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"time"
 
 	"github.com/google/go-sev-guest/client"
 
@@ -34,6 +35,9 @@ type Config struct {
 	Quote     client.QuoteProvider
 	StateDisk statestore.Device
 	Events    Emitter
+	// ExchangeTimeout bounds each exchange with the proxy: the attestation and every
+	// confirmation (60 s when zero). A confirmation without an answer in time fails closed.
+	ExchangeTimeout time.Duration
 }
 
 // Codes name why the SVSM failed closed; they are the "reason" of the final event.
@@ -106,12 +110,17 @@ func (s *SVSM) emit(ev string, fields map[string]any) {
 // counter (v1), start the vTPM and the variable store. Any failure is an *Error and nothing
 // on the state disk has been changed by this boot unless the error says so.
 func Boot(ctx context.Context, cfg Config) (*SVSM, error) {
+	if cfg.ExchangeTimeout <= 0 {
+		cfg.ExchangeTimeout = 60 * time.Second
+	}
 	s := &SVSM{cfg: cfg}
-	conn, err := cfg.Proxy(ctx)
+	actx, cancel := context.WithTimeout(ctx, cfg.ExchangeTimeout)
+	defer cancel()
+	conn, err := cfg.Proxy(actx)
 	if err != nil {
 		return nil, fail(CodeAttestation, "connect to proxy: %w", err)
 	}
-	res, err := attest.Attest(ctx, conn, cfg.Quote)
+	res, err := attest.Attest(actx, conn, cfg.Quote)
 	conn.Close()
 	if err != nil {
 		return nil, &Error{Code: CodeAttestation, Err: err}
@@ -261,6 +270,8 @@ func (s *SVSM) advance(ctx context.Context, first bool) error {
 }
 
 func (s *SVSM) confirm(ctx context.Context, counter uint64) error {
+	ctx, cancel := context.WithTimeout(ctx, s.cfg.ExchangeTimeout)
+	defer cancel()
 	conn, err := s.cfg.Proxy(ctx)
 	if err != nil {
 		return fail(CodeConfirmUnreachable, "connect to proxy: %w", err)
@@ -340,7 +351,7 @@ func (s *SVSM) haltLocked(err error, why string) error {
 		se = &Error{Code: CodeStateIO, Err: err}
 	}
 	s.halted = se
-	s.emit("halted", map[string]any{"reason": se.Code, "write": why, "detail": se.Err.Error(), "counter": s.counter})
+	s.emit("halted", map[string]any{"cause": se.Code, "write": why, "detail": se.Err.Error(), "counter": s.counter})
 	return se
 }
 
