@@ -164,4 +164,3 @@ func (h *Host) Replay(ctx context.Context, ex KBSExchange) (int, []byte, error) 
 	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	return resp.StatusCode, b, err
 }
-
