@@ -206,6 +206,29 @@ var _ = Describe("MITM on the confirmation", Label("backend:process", "attack"),
 		honestBootWorks()
 	})
 
+	It("a confirmation request forged by the host is refused by the verifier", func() {
+		tap.set(func(f harness.Frame, _ bool) harness.Verdict {
+			if f.Dir != harness.ToProxy {
+				return harness.Verdict{}
+			}
+			// The host keeps the boot id and nonce but cannot make the MAC: it claims a
+			// counter of its choice with a MAC of its own.
+			req := confirmRequest(f.Body)
+			forged := *req
+			forged.Counter += 5
+			forged.MAC = bytes.Repeat([]byte{0xAA}, len(req.MAC))
+			return harness.Verdict{Body: mustJSON(protocol.NegotiationRequest{Version: protocol.VersionConfirm, Tee: protocol.TeeSNP, Confirm: &forged})}
+		})
+		before := view(vm)
+		n := len(audit(s, vm.Registration))
+		run := boot(vm)
+		expectFailed(run, protocol.LayerSVSM, "confirm-unauthenticated")
+		noEvent(run, "measured")
+		Expect(hasAudit(auditAfter(s, vm.Registration, n), "confirm", verifier.Deny, "mac does not verify")).To(BeTrue())
+		Expect(view(vm).Counter).To(Equal(before.Counter), "a forged confirmation moved the verifier's counter")
+		honestBootWorks()
+	})
+
 	It("a dropped request fails closed", func() {
 		tap.set(func(f harness.Frame, _ bool) harness.Verdict { return harness.Verdict{Drop: f.Dir == harness.ToProxy} })
 		attacked("confirm-no-answer", false, harness.BootOptions{})
