@@ -2,7 +2,7 @@
 // report (through go-sev-guest's quote-provider interface, implemented here over the §4
 // guest-request channel so /dev/sev-guest could take its place on real hardware), runs the
 // upstream protocol 0.1.0 with the host's proxy, and unwraps the released secret with a fresh
-// P-521 key. It also sends the 0.2.0 confirmation.
+// P-521 key. It also sends the 0.3.0 confirmation and checks its authenticated answer.
 package attest
 
 import (
