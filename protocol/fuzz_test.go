@@ -139,3 +139,18 @@ func FuzzConfirmAnswer(f *testing.F) {
 }
 
 func b64(b []byte) string { return base64.StdEncoding.EncodeToString(b) }
+
+func FuzzKBSTypesAAD(f *testing.F) {
+	f.Add(base64.RawURLEncoding.EncodeToString([]byte(`{"alg":"a","enc":"b","epk":{"y":1,"x":[2,{"b":1,"a":2}]}}`)))
+	f.Fuzz(func(t *testing.T, s string) {
+		aad, err := KBSTypesAAD(s)
+		if err != nil {
+			return
+		}
+		// A rebuilt header is a fixed point: rebuilding it again changes nothing.
+		again, err := KBSTypesAAD(string(aad))
+		if err != nil || !bytes.Equal(again, aad) {
+			t.Fatalf("rebuild of %q not stable: %q %v", aad, again, err)
+		}
+	})
+}

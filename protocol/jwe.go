@@ -8,12 +8,13 @@ import (
 	"crypto/ecdh"
 	"crypto/ecdsa"
 	"crypto/elliptic"
+	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sort"
 
-	jose "github.com/go-jose/go-jose/v4"
 	josecipher "github.com/go-jose/go-jose/v4/cipher"
 )
 
@@ -26,25 +27,141 @@ const (
 // MaxSecretSize bounds a released secret.
 const MaxSecretSize = 64 << 10
 
-// EncryptSecret seals plaintext to the guest's P-521 key as a flattened JWE (verifier side).
+// EncryptSecret seals plaintext to the guest's P-521 key as a flattened JWE (verifier side):
+// ECDH-ES+A256KW with a fresh ephemeral key, A256GCM content encryption. The protected header
+// is written in exactly the form kbs-types' ProtectedHeader::generate_aad rebuilds it (see
+// KBSTypesAAD): a real aproxy re-serialises the header to make the AAD it hands the SVSM, so
+// any other byte order makes the real SVSM's AES-GCM check fail (UPSTREAM.md §1).
 func EncryptSecret(to ECPublicKey, plaintext []byte) (*FlattenedJWE, error) {
-	pub, err := to.ECDSA()
+	pub, err := to.ECDH()
 	if err != nil {
 		return nil, err
 	}
-	enc, err := jose.NewEncrypter(jose.A256GCM, jose.Recipient{Algorithm: jose.ECDH_ES_A256KW, Key: pub}, nil)
+	eph, err := ecdh.P521().GenerateKey(rand.Reader)
 	if err != nil {
-		return nil, fmt.Errorf("jwe encrypter: %w", err)
+		return nil, fmt.Errorf("jwe ephemeral key: %w", err)
 	}
-	obj, err := enc.Encrypt(plaintext)
+	z, err := eph.ECDH(pub)
 	if err != nil {
-		return nil, fmt.Errorf("jwe encrypt: %w", err)
+		return nil, fmt.Errorf("jwe ecdh: %w", err)
 	}
-	var out FlattenedJWE
-	if err := json.Unmarshal([]byte(obj.FullSerialize()), &out); err != nil {
-		return nil, fmt.Errorf("jwe serialise: %w", err)
+	kek, err := concatKDF(z)
+	if err != nil {
+		return nil, err
 	}
-	return &out, nil
+	cek := make([]byte, 32)
+	iv := make([]byte, 12)
+	if _, err := rand.Read(cek); err != nil {
+		return nil, err
+	}
+	if _, err := rand.Read(iv); err != nil {
+		return nil, err
+	}
+	kb, err := aes.NewCipher(kek)
+	if err != nil {
+		return nil, err
+	}
+	wrapped, err := josecipher.KeyWrap(kb, cek)
+	if err != nil {
+		return nil, fmt.Errorf("jwe key wrap: %w", err)
+	}
+	epk := ECPublicKeyFromECDH(eph.PublicKey())
+	protected := base64.RawURLEncoding.EncodeToString([]byte(canonicalProtectedHeader(epk)))
+	cb, err := aes.NewCipher(cek)
+	if err != nil {
+		return nil, err
+	}
+	gcm, err := cipher.NewGCM(cb)
+	if err != nil {
+		return nil, err
+	}
+	sealed := gcm.Seal(nil, iv, plaintext, []byte(protected))
+	ct, tag := sealed[:len(sealed)-gcm.Overhead()], sealed[len(sealed)-gcm.Overhead():]
+	b64 := base64.RawURLEncoding.EncodeToString
+	return &FlattenedJWE{Protected: protected, EncryptedKey: b64(wrapped), IV: b64(iv), Ciphertext: b64(ct), Tag: b64(tag)}, nil
+}
+
+// canonicalProtectedHeader is the header text kbs-types' serde produces: "alg", "enc", then
+// the other fields (here only "epk") in sorted key order, nested keys sorted, compact.
+func canonicalProtectedHeader(epk ECPublicKey) string {
+	b64 := base64.RawURLEncoding.EncodeToString
+	return `{"alg":"` + JWEKeyAlg + `","enc":"` + JWEEncAlg + `","epk":{"crv":"P-521","kty":"EC","x":"` +
+		b64(epk.X) + `","y":"` + b64(epk.Y) + `"}}`
+}
+
+// KBSTypesAAD rebuilds the AES-GCM AAD from a JWE protected header the way a real aproxy does
+// (kbs-types 0.14 ProtectedHeader, serde_json without preserve_order): decode the header,
+// serialise "alg", "enc", then every other field in sorted key order with nested objects'
+// keys sorted, compact, and base64url without padding. Strings that serde_json and
+// encoding/json escape differently (U+2028, U+2029) are not expected in a JWE header and are
+// refused rather than guessed.
+func KBSTypesAAD(protected string) ([]byte, error) {
+	raw, err := base64.RawURLEncoding.DecodeString(protected)
+	if err != nil {
+		return nil, fmt.Errorf("protected header: %w", err)
+	}
+	if bytes.Contains(raw, []byte(`\u2028`)) || bytes.Contains(raw, []byte(`\u2029`)) || bytes.ContainsRune(raw, 0x2028) || bytes.ContainsRune(raw, 0x2029) {
+		return nil, errors.New("protected header: U+2028/U+2029 would serialise differently")
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	var fields map[string]any
+	if err := dec.Decode(&fields); err != nil {
+		return nil, fmt.Errorf("protected header: %w", err)
+	}
+	alg, ok1 := fields["alg"].(string)
+	enc, ok2 := fields["enc"].(string)
+	if !ok1 || !ok2 {
+		return nil, errors.New("protected header: alg and enc must be strings (kbs-types requires both)")
+	}
+	var out bytes.Buffer
+	w := json.NewEncoder(&out)
+	w.SetEscapeHTML(false) // serde_json does not escape <, > and &
+	put := func(v any) error {
+		if err := w.Encode(v); err != nil {
+			return err
+		}
+		out.Truncate(out.Len() - 1) // Encode's newline
+		return nil
+	}
+	out.WriteString(`{"alg":`)
+	if err := put(alg); err != nil {
+		return nil, err
+	}
+	out.WriteString(`,"enc":`)
+	if err := put(enc); err != nil {
+		return nil, err
+	}
+	delete(fields, "alg")
+	delete(fields, "enc")
+	keys := make([]string, 0, len(fields))
+	for k := range fields {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		out.WriteByte(',')
+		if err := put(k); err != nil {
+			return nil, err
+		}
+		out.WriteByte(':')
+		if err := put(fields[k]); err != nil { // encoding/json sorts nested map keys
+			return nil, err
+		}
+	}
+	out.WriteByte('}')
+	return []byte(base64.RawURLEncoding.EncodeToString(out.Bytes())), nil
+}
+
+func concatKDF(z []byte) ([]byte, error) {
+	// Concat-KDF per RFC 7518 §4.6.2: AlgorithmID and PartyU/VInfo are length-prefixed,
+	// SuppPubInfo is keydatalen in bits as a 32-bit big-endian integer.
+	kek := make([]byte, 32)
+	kdf := josecipher.NewConcatKDF(crypto.SHA256, z, lengthPrefixed([]byte(JWEKeyAlg)), lengthPrefixed(nil), lengthPrefixed(nil), []byte{0, 0, 1, 0}, nil)
+	if _, err := kdf.Read(kek); err != nil {
+		return nil, fmt.Errorf("jwe kdf: %w", err)
+	}
+	return kek, nil
 }
 
 // ProtectedHeader is the subset of the JWE protected header we read.
@@ -119,12 +236,9 @@ func DecryptSecret(priv *ecdh.PrivateKey, d *Decryption, ciphertext []byte) ([]b
 	if err != nil {
 		return nil, fmt.Errorf("decrypt secret: ecdh: %w", err)
 	}
-	// Concat-KDF per RFC 7518 §4.6.2: AlgorithmID and PartyU/VInfo are length-prefixed,
-	// SuppPubInfo is keydatalen in bits as a 32-bit big-endian integer.
-	kek := make([]byte, 32)
-	kdf := josecipher.NewConcatKDF(crypto.SHA256, z, lengthPrefixed([]byte(JWEKeyAlg)), lengthPrefixed(nil), lengthPrefixed(nil), []byte{0, 0, 1, 0}, nil)
-	if _, err := kdf.Read(kek); err != nil {
-		return nil, fmt.Errorf("decrypt secret: kdf: %w", err)
+	kek, err := concatKDF(z)
+	if err != nil {
+		return nil, fmt.Errorf("decrypt secret: %w", err)
 	}
 	if len(d.WrappedCEK) != 40 {
 		return nil, fmt.Errorf("decrypt secret: wrapped cek is %d bytes, want 40", len(d.WrappedCEK))

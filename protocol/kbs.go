@@ -2,6 +2,7 @@ package protocol
 
 import (
 	"encoding/base64"
+	"encoding/json"
 	"fmt"
 )
 
@@ -19,17 +20,21 @@ const (
 	DefaultResourcePath = "default/sample/test"
 )
 
-// KBSRequest is the body of POST /kbs/v0/auth. ExtraParams is a string in 0.4.0.
+// KBSRequest is the body of POST /kbs/v0/auth. kbs-types 0.14 makes extra-params any JSON
+// value; aproxy sends "" (EmptyExtraParams), and a verifier must accept whatever kbs-types does.
 type KBSRequest struct {
-	Version     string `json:"version"`
-	Tee         string `json:"tee"`
-	ExtraParams string `json:"extra-params"`
+	Version     string          `json:"version"`
+	Tee         string          `json:"tee"`
+	ExtraParams json.RawMessage `json:"extra-params"`
 }
 
-// KBSChallenge is the auth response body.
+// EmptyExtraParams is what upstream aproxy sends and our verifier answers: the empty string.
+var EmptyExtraParams = json.RawMessage(`""`)
+
+// KBSChallenge is the auth response body; extra-params is any JSON value (kbs-types 0.14).
 type KBSChallenge struct {
-	Nonce       string `json:"nonce"`
-	ExtraParams string `json:"extra-params"`
+	Nonce       string          `json:"nonce"`
+	ExtraParams json.RawMessage `json:"extra-params"`
 }
 
 // TeePubKey is the JWK of the guest's ephemeral key, coordinates base64url without padding.
@@ -79,10 +84,18 @@ type RuntimeData struct {
 	TeePubKey TeePubKey `json:"tee-pubkey"`
 }
 
-// PrimaryEvidence is the SNP evidence. SnpReport is standard base64 of the 1184-byte report.
+// PrimaryEvidence is the SNP evidence as aproxy serialises it. SnpReport is standard base64
+// of the 1184-byte report; CertsBuf, when the guest sent one, is standard base64 of the
+// extended report's certificate table (GUID-indexed: VCEK or VLEK, ASK, ARK).
 type PrimaryEvidence struct {
 	SnpReport string  `json:"snp-report"`
 	CertsBuf  *string `json:"certs-buf"`
+}
+
+// InitData is kbs-types 0.14's initialization data (format and body strings).
+type InitData struct {
+	Format string `json:"format"`
+	Body   string `json:"body"`
 }
 
 // TeeEvidence wraps the primary evidence.
@@ -93,7 +106,7 @@ type TeeEvidence struct {
 
 // KBSAttestation is the body of POST /kbs/v0/attest.
 type KBSAttestation struct {
-	InitData    *string     `json:"init-data"`
+	InitData    *InitData   `json:"init-data"`
 	RuntimeData RuntimeData `json:"runtime-data"`
 	TeeEvidence TeeEvidence `json:"tee-evidence"`
 }

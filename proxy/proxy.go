@@ -198,7 +198,7 @@ func (p *Proxy) serveSession(ctx context.Context, rw net.Conn, first bool) error
 func (c *conn) attest(ctx context.Context) error {
 	p := c.p
 	var chal protocol.KBSChallenge
-	if err := c.post(ctx, protocol.KBSPathAuth, protocol.KBSRequest{Version: protocol.KBSVersion, Tee: protocol.TeeSNP}, &chal); err != nil {
+	if err := c.post(ctx, protocol.KBSPathAuth, protocol.KBSRequest{Version: protocol.KBSVersion, Tee: protocol.TeeSNP, ExtraParams: protocol.EmptyExtraParams}, &chal); err != nil {
 		p.Stats.VerifierErrs.Add(1)
 		// The guest has not been answered yet; it expects a negotiation response. We cannot
 		// give one without a nonce, so close: the SVSM fails closed.
@@ -258,6 +258,10 @@ func (c *conn) kbsAttestAndFetch(ctx context.Context, nonce string, req *protoco
 	att := protocol.KBSAttestation{
 		RuntimeData: protocol.RuntimeData{Nonce: nonce, TeePubKey: protocol.TeePubKeyFrom(req.Key)},
 		TeeEvidence: protocol.TeeEvidence{PrimaryEvidence: protocol.PrimaryEvidence{SnpReport: base64.StdEncoding.EncodeToString(req.Evidence.Snp.Report)}},
+	}
+	if len(req.Evidence.Snp.CertsBuf) > 0 { // the extended report's certificates, as aproxy forwards them
+		cb := base64.StdEncoding.EncodeToString(req.Evidence.Snp.CertsBuf)
+		att.TeeEvidence.PrimaryEvidence.CertsBuf = &cb
 	}
 	var tok protocol.KBSAttestResponse
 	if err := c.post(ctx, protocol.KBSPathAttest, att, &tok); err != nil {

@@ -174,20 +174,34 @@ type checker struct {
 // not judged, and the guest may try again.
 const FieldKDSUnavailable = "kds-unavailable"
 
-// verifyReport checks the report's VCEK chain and signature. It returns the parsed report
-// and its VCEK-backed attestation for policy validation.
-func (c *checker) verifyReport(ctx context.Context, raw []byte) (*spb.Attestation, *Refusal) {
+// verifyReport checks the report's VCEK (or VLEK) chain and signature. certs, when the guest
+// sent one, is the extended report's certificate table: its VCEK or VLEK is used as is (the
+// chain to the trusted roots is still checked), so verification needs no KDS. It returns the
+// parsed report and its attestation for policy validation.
+func (c *checker) verifyReport(ctx context.Context, raw, certs []byte) (*spb.Attestation, *Refusal) {
 	report, err := abi.ReportToProto(raw)
 	if err != nil {
 		return nil, refuse("snp-report", "report format: %v", err)
 	}
 	att := &spb.Attestation{Report: report, CertificateChain: &spb.CertificateChain{Extras: map[string][]byte{}}}
+	if len(certs) > 0 {
+		var table abi.CertTable
+		if err := table.Unmarshal(certs); err != nil {
+			return nil, refuse("certs-buf", "certificate table: %v", err)
+		}
+		given := table.Proto()
+		// Only the endorsement key comes from the guest; ASK and ARK are the trusted roots'.
+		att.CertificateChain.VcekCert, att.CertificateChain.VlekCert = given.GetVcekCert(), given.GetVlekCert()
+		if len(given.GetVcekCert()) == 0 && len(given.GetVlekCert()) == 0 {
+			return nil, refuse("certs-buf", "certificate table holds neither a VCEK nor a VLEK")
+		}
+	}
 	if rs := c.roots[productLine(report)]; len(rs) > 0 {
 		// Pre-fill the configured ARK/ASK so only the VCEK is fetched.
 		att.CertificateChain.ArkCert = rs[0].ProductCerts.Ark.Raw
 		att.CertificateChain.AskCert = rs[0].ProductCerts.Ask.Raw
 	}
-	if info, err := abi.ParseSignerInfo(report.GetSignerInfo()); err == nil && info.SigningKey == abi.VcekReportSigner {
+	if info, err := abi.ParseSignerInfo(report.GetSignerInfo()); err == nil && info.SigningKey == abi.VcekReportSigner && len(att.CertificateChain.VcekCert) == 0 {
 		// Fetch the VCEK ourselves, so that an unreachable KDS is told apart from a bad report.
 		url := kds.VCEKCertURL(productLine(report), report.GetChipId(), kds.TCBVersion(report.GetReportedTcb()))
 		vcek, err := c.getter.GetContext(ctx, url)

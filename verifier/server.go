@@ -313,7 +313,7 @@ func (v *Verifier) handleAuth(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	http.SetCookie(w, &http.Cookie{Name: protocol.KBSSessionCookie, Value: s.id, Path: "/kbs", HttpOnly: true, MaxAge: int(v.opts.SessionTTL.Seconds())})
-	writeJSON(w, http.StatusOK, protocol.KBSChallenge{Nonce: s.nonce, ExtraParams: ""})
+	writeJSON(w, http.StatusOK, protocol.KBSChallenge{Nonce: s.nonce, ExtraParams: protocol.EmptyExtraParams})
 }
 
 func (v *Verifier) handleAttest(w http.ResponseWriter, r *http.Request) {
@@ -380,9 +380,16 @@ func (v *Verifier) handleAttest(w http.ResponseWriter, r *http.Request) {
 		deny(http.StatusUnauthorized, "", ref)
 		return
 	}
+	var certs []byte
+	if cb := att.TeeEvidence.PrimaryEvidence.CertsBuf; cb != nil && *cb != "" {
+		if certs, err = base64.StdEncoding.DecodeString(*cb); err != nil || len(certs) > maxCertsBuf {
+			deny(http.StatusBadRequest, "", refuse("certs-buf", "want standard base64 of at most %d bytes (got %d bytes, err %v)", maxCertsBuf, len(certs), err))
+			return
+		}
+	}
 	ctx, cancel := context.WithTimeout(r.Context(), 20*time.Second)
 	defer cancel()
-	evidence, ref := v.check.verifyReport(ctx, raw)
+	evidence, ref := v.check.verifyReport(ctx, raw, certs)
 	if ref != nil {
 		status := http.StatusUnauthorized
 		if ref.Field == FieldKDSUnavailable {
@@ -420,6 +427,9 @@ func (v *Verifier) handleAttest(w http.ResponseWriter, r *http.Request) {
 	v.audit(AuditEvent{Event: "attest", Outcome: Allow, VM: vm.Name, Session: s.id})
 	writeJSON(w, http.StatusOK, protocol.KBSAttestResponse{Token: token})
 }
+
+// maxCertsBuf bounds an extended report's certificate table (a few DER certificates).
+const maxCertsBuf = 64 << 10
 
 // identify finds the registered VM a report belongs to: by HOST_DATA when some VM pins it,
 // otherwise by measurement.
