@@ -85,4 +85,3 @@ func TestCertsBufNeedsNoKDS(t *testing.T) {
 		t.Fatalf("attest with certs-buf and no KDS: HTTP %d %s", code, pd.Detail)
 	}
 }
-
