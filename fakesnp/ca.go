@@ -245,3 +245,22 @@ func readPEM[T any](path string, parse func([]byte) (T, error)) (T, error) {
 	}
 	return v, nil
 }
+
+// CRL is the product's certificate revocation list as AMD's KDS serves it at
+// /vcek/v1/{product}/crl: signed by the ARK, listing revoked ASK serials (AMD revokes keys,
+// not VCEKs: newer TCBs supersede those). revokeASK lists this chain's own ASK.
+func (ca *CA) CRL(revokeASK bool) ([]byte, error) {
+	now := time.Now().UTC().Truncate(time.Second)
+	tmpl := &x509.RevocationList{
+		Number: big.NewInt(now.Unix()), ThisUpdate: now.Add(-time.Minute), NextUpdate: now.Add(24 * time.Hour),
+		SignatureAlgorithm: x509.SHA384WithRSAPSS,
+	}
+	if revokeASK {
+		tmpl.RevokedCertificateEntries = []x509.RevocationListEntry{{SerialNumber: ca.Ask.SerialNumber, RevocationTime: now.Add(-time.Minute)}}
+	}
+	der, err := x509.CreateRevocationList(rand.Reader, tmpl, ca.Ark, ca.arkKey)
+	if err != nil {
+		return nil, fmt.Errorf("sign CRL: %w", err)
+	}
+	return der, nil
+}

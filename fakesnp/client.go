@@ -75,3 +75,8 @@ func (c *Client) CertChain(ctx context.Context) ([]byte, error) {
 	}
 	return io.ReadAll(io.LimitReader(resp.Body, 64<<10))
 }
+
+// SetCRL chooses what the served CRL revokes.
+func (c *Client) SetCRL(ctx context.Context, set CRLSettings) error {
+	return c.do(ctx, http.MethodPut, "/admin/v1/crl", set, nil)
+}

@@ -48,15 +48,17 @@ type Options struct {
 
 // Server is a running simulated AMD-SP.
 type Server struct {
-	opts     Options
-	log      *slog.Logger
-	ca       *CA
-	token    string // admin API bearer token (StateDir/admin.token)
-	mu       sync.Mutex
-	chips    map[string]*Chip
-	launches map[string]*launch
-	wg       sync.WaitGroup
-	closed   bool
+	opts  Options
+	log   *slog.Logger
+	ca    *CA
+	token string // admin API bearer token (StateDir/admin.token)
+	// revokeASK makes the served CRL list the ASK (an admin fault: a revoked intermediate).
+	revokeASK bool
+	mu        sync.Mutex
+	chips     map[string]*Chip
+	launches  map[string]*launch
+	wg        sync.WaitGroup
+	closed    bool
 }
 
 type launch struct {
@@ -127,6 +129,11 @@ func (s *Server) chipLocked(name string) (*Chip, error) {
 	}
 	s.chips[name] = c
 	return c, nil
+}
+
+// CRLSettings chooses what the served CRL revokes.
+type CRLSettings struct {
+	RevokeASK bool `json:"revoke_ask"`
 }
 
 // ChipInfo is what the admin API reports about a chip.
@@ -397,6 +404,7 @@ func (s *Server) serveConn(l *launch, c net.Conn) {
 //	GET  /admin/v1/launches/{name}       DELETE /admin/v1/launches/{name}
 //	PUT  /admin/v1/launches/{name}/faults (Faults)
 //	POST /admin/v1/chips/{name}          (creates the chip if needed, returns ChipInfo)
+//	GET  /vcek/v1/{product}/crl          the ARK-signed CRL; PUT /admin/v1/crl (CRLSettings)
 //
 // The KDS endpoints are public, as AMD's are; the admin API needs the bearer token in
 // StateDir/admin.token, like the verifier's: whoever may launch VMs and set faults is the
@@ -462,6 +470,17 @@ func (s *Server) Handler() http.Handler {
 		}
 		w.WriteHeader(http.StatusNoContent)
 	})
+	admin.HandleFunc("PUT /admin/v1/crl", func(w http.ResponseWriter, r *http.Request) {
+		var c CRLSettings
+		if err := decodeBody(r, &c); err != nil {
+			httpError(w, http.StatusBadRequest, err)
+			return
+		}
+		s.mu.Lock()
+		s.revokeASK = c.RevokeASK
+		s.mu.Unlock()
+		w.WriteHeader(http.StatusNoContent)
+	})
 	admin.HandleFunc("POST /admin/v1/chips/{name}", func(w http.ResponseWriter, r *http.Request) {
 		c, err := s.chip(r.PathValue("name"))
 		if err != nil {
@@ -479,6 +498,19 @@ func (s *Server) handleKDS(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	hwid := r.PathValue("hwid")
+	if hwid == "crl" {
+		s.mu.Lock()
+		revoke := s.revokeASK
+		s.mu.Unlock()
+		der, err := s.ca.CRL(revoke)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		w.Header().Set("Content-Type", "application/pkix-crl")
+		w.Write(der)
+		return
+	}
 	if hwid == "cert_chain" {
 		w.Header().Set("Content-Type", "application/x-pem-file")
 		w.Write(s.ca.CertChainPEM())

@@ -1,12 +1,16 @@
 package harness_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdh"
 	"crypto/rand"
 	"encoding/base64"
 	"io"
 	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +19,7 @@ import (
 	"github.com/google/go-sev-guest/kds"
 	"github.com/google/uuid"
 
+	"github.com/svsm-e2e/svsm-e2e/fakesnp"
 	"github.com/svsm-e2e/svsm-e2e/harness"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 )
@@ -83,5 +88,89 @@ func TestCertsBufNeedsNoKDS(t *testing.T) {
 	var pd protocol.ProblemDetails
 	if code := s.post(protocol.KBSPathAttest, body, &pd); code != 200 {
 		t.Fatalf("attest with certs-buf and no KDS: HTTP %d %s", code, pd.Detail)
+	}
+}
+
+// TestVerifyReportCommand runs `svsm-verifier verify-report` on report files: one line per
+// check, exit 0 when all pass, 1 when one fails, 2 on a usage error; offline with the
+// extended report's certificates; and the CRL check against fakesnp's CRL.
+func TestVerifyReportCommand(t *testing.T) {
+	h := startHost(t)
+	ctx := context.Background()
+	hj, err := h.AddVM(ctx, harness.VMSetup{Name: "file"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	var rd [64]byte
+	rep := report(t, hj, rd, 0)
+	pr, _ := abi.ReportToProto(rep)
+	url := strings.Replace(kds.VCEKCertURL("Milan", pr.GetChipId(), kds.TCBVersion(pr.GetReportedTcb())), "https://kdsintf.amd.com", h.FakeSNPURL, 1)
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	vcek, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	resp.Body.Close()
+	certs := (&abi.CertTable{Entries: []abi.CertTableEntry{{GUID: uuid.MustParse(abi.VcekGUID), RawCert: vcek}}}).Marshal()
+	bad := bytes.Clone(rep)
+	bad[0x90] ^= 1 // MEASUREMENT
+	write := func(name string, b []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	good, flipped, table := write("report.bin", rep), write("flipped.bin", bad), write("certs.bin", certs)
+	roots := h.Path("fakesnp-roots.pem")
+	run := func(args ...string) (string, int) {
+		cmd := exec.Command(bins.Verifier, append([]string{"verify-report"}, args...)...)
+		out, err := cmd.CombinedOutput()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		} else if err != nil {
+			t.Fatal(err)
+		}
+		return string(out), code
+	}
+	for _, tc := range []struct {
+		name string
+		args []string
+		code int
+		want []string
+	}{
+		{"VCEK from the KDS", []string{"--report", good, "--roots", roots, "--kds-url", h.FakeSNPURL}, 0,
+			[]string{"ok   signature", "ok   chain", "info measurement"}},
+		{"offline with the certificate table", []string{"--report", good, "--certs", table, "--roots", roots, "--offline"}, 0,
+			[]string{"ok   endorsement-key from the certificate table", "ok   signature"}},
+		{"offline without certificates", []string{"--report", good, "--roots", roots, "--offline"}, 1,
+			[]string{"FAIL endorsement-key"}},
+		{"a flipped measurement byte", []string{"--report", flipped, "--certs", table, "--roots", roots, "--offline"}, 1,
+			[]string{"FAIL signature", "FAIL chain"}},
+		{"genuine AMD roots refuse the fake chain", []string{"--report", good, "--certs", table, "--offline"}, 1,
+			[]string{"ok   roots           AMD's genuine Milan roots", "FAIL chain"}},
+		{"CRL fetched and clean", []string{"--report", good, "--certs", table, "--roots", roots, "--kds-url", h.FakeSNPURL, "--check-crl"}, 0,
+			[]string{"ok   chain", ", CRL"}},
+		{"usage error", []string{"--report", filepath.Join(dir, "missing")}, 2, nil},
+	} {
+		out, code := run(tc.args...)
+		if code != tc.code {
+			t.Errorf("%s: exit %d, want %d\n%s", tc.name, code, tc.code, out)
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(out, w) {
+				t.Errorf("%s: output lacks %q:\n%s", tc.name, w, out)
+			}
+		}
+	}
+	// A revoked ASK on the served CRL fails the chain.
+	if err := h.SNP.SetCRL(ctx, fakesnp.CRLSettings{RevokeASK: true}); err != nil {
+		t.Fatal(err)
+	}
+	out, code := run("--report", good, "--certs", table, "--roots", roots, "--kds-url", h.FakeSNPURL, "--check-crl")
+	if code != 1 || !strings.Contains(out, "FAIL chain") || !strings.Contains(out, "revoked") {
+		t.Fatalf("revoked ASK: exit %d\n%s", code, out)
 	}
 }

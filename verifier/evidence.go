@@ -166,8 +166,10 @@ func (g *kdsGetter) fetch(ctx context.Context, url string) ([]byte, error) {
 
 // checker verifies SNP evidence: chain and signature, then per-VM policy.
 type checker struct {
-	getter *kdsGetter
-	roots  map[string][]*trust.AMDRootCerts // nil: genuine AMD roots embedded in go-sev-guest
+	getter      *kdsGetter
+	roots       map[string][]*trust.AMDRootCerts // nil: genuine AMD roots embedded in go-sev-guest
+	rootProduct string                           // product line of the configured roots, if any
+	checkCRL    bool
 }
 
 // FieldKDSUnavailable names a refusal because the KDS could not be reached: the report was
@@ -196,14 +198,14 @@ func (c *checker) verifyReport(ctx context.Context, raw, certs []byte) (*spb.Att
 			return nil, refuse("certs-buf", "certificate table holds neither a VCEK nor a VLEK")
 		}
 	}
-	if rs := c.roots[productLine(report)]; len(rs) > 0 {
+	if rs := c.roots[c.productLine(report)]; len(rs) > 0 {
 		// Pre-fill the configured ARK/ASK so only the VCEK is fetched.
 		att.CertificateChain.ArkCert = rs[0].ProductCerts.Ark.Raw
 		att.CertificateChain.AskCert = rs[0].ProductCerts.Ask.Raw
 	}
 	if info, err := abi.ParseSignerInfo(report.GetSignerInfo()); err == nil && info.SigningKey == abi.VcekReportSigner && len(att.CertificateChain.VcekCert) == 0 {
 		// Fetch the VCEK ourselves, so that an unreachable KDS is told apart from a bad report.
-		url := kds.VCEKCertURL(productLine(report), report.GetChipId(), kds.TCBVersion(report.GetReportedTcb()))
+		url := kds.VCEKCertURL(c.productLine(report), report.GetChipId(), kds.TCBVersion(report.GetReportedTcb()))
 		vcek, err := c.getter.GetContext(ctx, url)
 		var ke *KDSError
 		switch {
@@ -214,7 +216,7 @@ func (c *checker) verifyReport(ctx context.Context, raw, certs []byte) (*spb.Att
 		}
 		att.CertificateChain.VcekCert = vcek
 	}
-	opts := &verify.Options{Getter: c.getter, Now: time.Now(), TrustedRoots: c.roots}
+	opts := &verify.Options{Getter: c.getter, Now: time.Now(), TrustedRoots: c.roots, CheckRevocations: c.checkCRL}
 	if err := verify.SnpAttestationContext(ctx, att, opts); err != nil {
 		var ke *KDSError
 		if errors.As(err, &ke) && ke.Unavailable {
@@ -237,12 +239,41 @@ func checkReportDataRaw(raw []byte, key protocol.ECPublicKey, nonce []byte) *Ref
 	return nil
 }
 
-// productLine is the report's AMD product line (v3 reports carry CPUID family/model).
-func productLine(r *spb.Report) string {
+// productLine is the report's AMD product line: from its CPUID family/model/stepping (report
+// version 3 and later), else the product of the configured roots, else Milan (go-sev-guest's
+// default for reports that do not say).
+func (c *checker) productLine(r *spb.Report) string {
 	if fms := r.GetCpuid1EaxFms(); fms != 0 {
-		return kds.ProductLineFromFms(fms)
+		if p := kds.ProductLineFromFms(fms); p != "" && p != "Unknown" {
+			return p
+		}
+	}
+	if c.rootProduct != "" {
+		return c.rootProduct
 	}
 	return "Milan"
+}
+
+// parseTrustedRoots reads a KDS cert_chain (ASK then ARK, PEM) and names its product line from
+// the ARK's common name ("ARK-<product>"), as AMD's chains do.
+func parseTrustedRoots(pem []byte) (*trust.AMDRootCerts, string, error) {
+	probe := trust.AMDRootCertsProduct("Milan")
+	if err := probe.FromKDSCertBytes(pem); err != nil {
+		return nil, "", err
+	}
+	if probe.ProductCerts.Ark == nil || probe.ProductCerts.Ask == nil {
+		return nil, "", errors.New("need ASK and ARK certificates")
+	}
+	cn := probe.ProductCerts.Ark.Subject.CommonName
+	product, ok := strings.CutPrefix(cn, "ARK-")
+	if !ok || product == "" {
+		return nil, "", fmt.Errorf("ARK common name %q does not name a product line (want ARK-<product>)", cn)
+	}
+	root := trust.AMDRootCertsProduct(product)
+	if err := root.FromKDSCertBytes(pem); err != nil {
+		return nil, "", err
+	}
+	return root, product, nil
 }
 
 // Refusal is a policy or verification failure with a reason that names the field.

@@ -53,8 +53,11 @@ type Options struct {
 	// AuditWindow is how long identical refusals are folded into one audit row (default 10 s).
 	AuditWindow time.Duration
 	// KDS bounds certificate fetches (zero values: defaults, see KDSOptions).
-	KDS    KDSOptions
-	Logger *slog.Logger
+	KDS KDSOptions
+	// CheckCRL fetches the product's CRL (from the KDS base) and refuses a chain whose ASK it
+	// revokes, or a CRL not signed by the trusted ARK.
+	CheckCRL bool
+	Logger   *slog.Logger
 }
 
 // Verifier is the running service.
@@ -117,16 +120,14 @@ func New(opts Options) (*Verifier, error) {
 		return nil, fmt.Errorf("verifier data dir: %w", err)
 	}
 	v := &Verifier{opts: opts, log: opts.Logger, sessions: map[string]*session{}}
-	v.check = &checker{getter: newKDSGetter(opts.KDSBaseURL, opts.KDS)}
+	v.check = &checker{getter: newKDSGetter(opts.KDSBaseURL, opts.KDS), checkCRL: opts.CheckCRL}
 	if len(opts.TrustedRootsPEM) > 0 {
-		root := trust.AMDRootCertsProduct("Milan")
-		if err := root.FromKDSCertBytes(opts.TrustedRootsPEM); err != nil {
+		roots, product, err := parseTrustedRoots(opts.TrustedRootsPEM)
+		if err != nil {
 			return nil, fmt.Errorf("verifier: trusted roots: %w", err)
 		}
-		if root.ProductCerts.Ark == nil || root.ProductCerts.Ask == nil {
-			return nil, errors.New("verifier: trusted roots: need ASK and ARK certificates")
-		}
-		v.check.roots = map[string][]*trust.AMDRootCerts{"Milan": {root}}
+		v.check.roots = map[string][]*trust.AMDRootCerts{product: {roots}}
+		v.check.rootProduct = product
 	}
 	tok, err := admintoken.LoadOrCreate(filepath.Join(opts.DataDir, "admin.token"))
 	if err != nil {

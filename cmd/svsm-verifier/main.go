@@ -24,7 +24,16 @@ import (
 )
 
 func main() {
-	if err := newRoot().Execute(); err != nil {
+	err := newRoot().Execute()
+	var ue usageErr
+	switch {
+	case err == nil:
+	case errors.As(err, &errChecksFailed{}):
+		os.Exit(1) // verify-report printed its verdict
+	case errors.As(err, &ue):
+		fmt.Fprintln(os.Stderr, "svsm-verifier:", ue.error)
+		os.Exit(2)
+	default:
 		fmt.Fprintln(os.Stderr, "svsm-verifier:", err)
 		os.Exit(1)
 	}
@@ -32,7 +41,8 @@ func main() {
 
 func newRoot() *cobra.Command {
 	root := &cobra.Command{Use: "svsm-verifier", Short: "KBS 0.4.0 verifier and key broker for COCONUT-SVSM state", SilenceUsage: true, SilenceErrors: true}
-	root.AddCommand(serveCmd(), vmCmd(), auditCmd())
+	root.AddCommand(serveCmd(), vmCmd(), auditCmd(), verifyReportCmd())
+	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageErr{err} })
 	return root
 }
 
@@ -91,6 +101,7 @@ func serveCmd() *cobra.Command {
 	f.IntVar(&opts.KDS.MaxConcurrent, "kds-concurrency", 4, "simultaneous KDS certificate fetches")
 	f.DurationVar(&opts.KDS.NegativeTTL, "kds-negative-ttl", time.Minute, "how long a KDS 'no such certificate' answer is remembered")
 	f.DurationVar(&opts.KDS.OutageTTL, "kds-outage-ttl", 5*time.Second, "how long an unreachable KDS is remembered before it is tried again")
+	f.BoolVar(&opts.CheckCRL, "check-crl", false, "fetch the product CRL from the KDS and refuse a revoked ASK")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	_ = cmd.MarkFlagRequired("data-dir")
