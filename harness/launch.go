@@ -58,11 +58,11 @@ func (v *VM) buildLaunch() ([]byte, error) {
 }
 
 func (v *VM) measureLaunch(f *igvm.File) ([]byte, error) {
-	d, _, err := igvm.MeasureSNP(f, igvm.MeasureOptions{})
+	m, err := igvm.MeasureSNP(f, igvm.MeasureOptions{})
 	if err != nil {
 		return nil, err
 	}
-	v.Measurement = d[:]
+	v.Measurement = m.Digest[:]
 	v.launchCache = nil
 	return v.Measurement, nil
 }

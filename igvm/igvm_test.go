@@ -16,11 +16,16 @@ const fixtures = "../fixtures/igvm"
 
 func digestHex(t testing.TB, f *File, nz bool) string {
 	t.Helper()
-	d, _, err := MeasureSNP(f, MeasureOptions{NativeZero: nz})
+	return digestWith(t, f, MeasureOptions{NativeZero: nz})
+}
+
+func digestWith(t testing.TB, f *File, o MeasureOptions) string {
+	t.Helper()
+	m, err := MeasureSNP(f, o)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return hex.EncodeToString(d[:])
+	return hex.EncodeToString(m.Digest[:])
 }
 
 // TestGoldenVectors: files and digests made by fixtures/igvm/measure.py (an independent
@@ -32,6 +37,7 @@ func TestGoldenVectors(t *testing.T) {
 	}
 	var golden []struct {
 		File       string `json:"file"`
+		Rules      string `json:"rules"`
 		NativeZero bool   `json:"native_zero"`
 		Digest     string `json:"digest"`
 	}
@@ -50,8 +56,12 @@ func TestGoldenVectors(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", g.File, err)
 		}
-		if got := digestHex(t, f, g.NativeZero); got != g.Digest {
-			t.Errorf("%s native_zero=%v:\n got %s\nwant %s", g.File, g.NativeZero, got, g.Digest)
+		rules, err := ParseRules(g.Rules)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := digestWith(t, f, MeasureOptions{Rules: rules, NativeZero: g.NativeZero}); got != g.Digest {
+			t.Errorf("%s rules=%s native_zero=%v:\n got %s\nwant %s", g.File, g.Rules, g.NativeZero, got, g.Digest)
 		}
 		// Our writer reproduces the independently built file byte for byte.
 		out, err := f.Marshal()
@@ -81,7 +91,13 @@ func randomFile(r *rand.Rand) *File {
 			f.Headers = append(f.Headers, PageData{GPA: gpa, CompatMask: 1, Data: randBytes(r, PageSize4K)})
 		}
 	}
-	f.Headers = append(f.Headers, VPContext{GPA: VMSAGPA, CompatMask: 1, Data: randBytes(r, 1024)})
+	vmsa := VPContext{GPA: VMSAGPA, CompatMask: 1, Data: randBytes(r, 1024)}
+	if at := 3 + r.IntN(len(f.Headers)-2); r.IntN(2) == 0 && at < len(f.Headers) {
+		// Not last: QEMU's rules measure it at the end, the others in file order.
+		f.Headers = append(f.Headers[:at], append([]Header{vmsa}, f.Headers[at:]...)...)
+	} else {
+		f.Headers = append(f.Headers, vmsa)
+	}
 	return f
 }
 
@@ -112,17 +128,17 @@ func TestAgainstIndependentImplementation(t *testing.T) {
 		if err := os.WriteFile(path, raw, 0o644); err != nil {
 			t.Fatal(err)
 		}
-		for _, nz := range []bool{false, true} {
-			args := []string{filepath.Join(fixtures, "measure.py"), path}
-			if nz {
+		for _, o := range []MeasureOptions{{}, {NativeZero: true}, {Rules: RulesCrate}, {Rules: RulesQEMU}} {
+			args := []string{filepath.Join(fixtures, "measure.py"), path, "--rules", o.Rules.String()}
+			if o.NativeZero {
 				args = append(args, "--native-zero")
 			}
 			out, err := exec.Command(py, args...).CombinedOutput()
 			if err != nil {
 				t.Fatalf("measure.py: %v\n%s", err, out)
 			}
-			if got, want := digestHex(t, f, nz), strings.TrimSpace(string(out)); got != want {
-				t.Fatalf("random file %d native_zero=%v: Go %s, Python %s", i, nz, got, want)
+			if got, want := digestWith(t, f, o), strings.TrimSpace(string(out)); got != want {
+				t.Fatalf("random file %d %+v: Go %s, Python %s", i, o, got, want)
 			}
 		}
 	}
@@ -166,7 +182,7 @@ func TestDigestProperties(t *testing.T) {
 	if digestHex(t, other, false) != d0 {
 		t.Error("a page of another platform changed the SNP digest")
 	}
-	if _, _, err := MeasureSNP(&File{}, MeasureOptions{}); err == nil {
+	if _, err := MeasureSNP(&File{}, MeasureOptions{}); err == nil {
 		t.Error("a file without an SNP platform was measured")
 	}
 }
@@ -235,7 +251,10 @@ func FuzzParse(f *testing.F) {
 		if err != nil {
 			return
 		}
-		_, _, _ = MeasureSNP(file, MeasureOptions{})
+		for _, r := range []Rules{RulesIgvmmeasure, RulesCrate, RulesQEMU} {
+			_, _ = MeasureSNP(file, MeasureOptions{Rules: r})
+		}
+		_ = CheckKVM(file)
 		if out, err := file.Marshal(); err == nil {
 			if _, err := Parse(out); err != nil {
 				t.Fatalf("re-marshalled file does not parse: %v", err)

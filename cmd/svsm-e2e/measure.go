@@ -13,47 +13,72 @@ import (
 var pageTypeNames = map[uint8]string{igvm.PageNormal: "normal", igvm.PageVMSA: "vmsa", igvm.PageZero: "zero",
 	igvm.PageUnmeasured: "unmeasured", igvm.PageSecrets: "secrets", igvm.PageCPUID: "cpuid"}
 
-// measureFile reads an IGVM file and computes its SNP launch digest.
-func measureFile(path string, o igvm.MeasureOptions) ([48]byte, []igvm.MeasuredPage, error) {
+// readIGVM reads and parses an IGVM file, bounded.
+func readIGVM(path string) (*igvm.File, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
-		return [48]byte{}, nil, err
+		return nil, err
 	}
 	if fi.Size() >= igvm.MaxFileSize {
-		return [48]byte{}, nil, fmt.Errorf("%s: %d bytes is too large for an IGVM file", path, fi.Size())
+		return nil, fmt.Errorf("%s: %d bytes is too large for an IGVM file", path, fi.Size())
 	}
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return [48]byte{}, nil, err
+		return nil, err
 	}
 	f, err := igvm.Parse(b)
 	if err != nil {
-		return [48]byte{}, nil, fmt.Errorf("%s: %w", path, err)
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	d, pages, err := igvm.MeasureSNP(f, o)
-	if err != nil {
-		return [48]byte{}, nil, fmt.Errorf("%s: %w", path, err)
-	}
-	return d, pages, nil
+	return f, nil
 }
 
-// igvmDigest is the launch digest of an IGVM file.
+// igvmDigest is the launch digest of an IGVM file (igvmmeasure's rules).
 func igvmDigest(path string) ([]byte, error) {
-	d, _, err := measureFile(path, igvm.MeasureOptions{})
-	return d[:], err
+	f, err := readIGVM(path)
+	if err != nil {
+		return nil, err
+	}
+	m, err := igvm.MeasureSNP(f, igvm.MeasureOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return m.Digest[:], nil
 }
 
 func measureCmd() *cobra.Command {
-	var verbose, nativeZero bool
+	var verbose, nativeZero, checkKVM bool
+	var rules string
 	cmd := &cobra.Command{
 		Use:   "measure FILE.igvm",
 		Short: "Print the SEV-SNP launch digest of an IGVM file (PROTOCOLS.md §5, as igvmmeasure -b)",
-		Args:  cobra.ExactArgs(1),
+		Long: `Print the SEV-SNP launch digest of an IGVM file. The default rules are COCONUT-SVSM's
+igvmmeasure (` + "`igvmmeasure -b`" + `); --rules crate follows the microsoft/igvm crate's
+measurement, --rules qemu what a real SNP launch by QEMU's IGVM loader makes the firmware
+measure. Every construct on which they disagree is printed as a warning on standard error.`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			d, pages, err := measureFile(args[0], igvm.MeasureOptions{NativeZero: nativeZero})
+			r, err := igvm.ParseRules(rules)
 			if err != nil {
 				return err
 			}
+			f, err := readIGVM(args[0])
+			if err != nil {
+				return err
+			}
+			if checkKVM {
+				if err := igvm.CheckKVM(f); err != nil {
+					return err
+				}
+			}
+			m, err := igvm.MeasureSNP(f, igvm.MeasureOptions{Rules: r, NativeZero: nativeZero})
+			if err != nil {
+				return fmt.Errorf("%s: %w", args[0], err)
+			}
+			for _, w := range m.Warnings {
+				fmt.Fprintf(cmd.ErrOrStderr(), "warning: %s\n", w)
+			}
+			d, pages := m.Digest, m.Pages
 			if verbose {
 				for i, p := range pages {
 					fmt.Printf("%6d gpa=%#014x type=%-10s contents=%s digest=%s\n", i, p.GPA, pageTypeNames[p.Type],
@@ -65,6 +90,8 @@ func measureCmd() *cobra.Command {
 		},
 	}
 	cmd.Flags().BoolVarP(&verbose, "verbose", "v", false, "print each measured page")
-	cmd.Flags().BoolVar(&nativeZero, "native-zero", false, "measure empty page data as SNP zero pages")
+	cmd.Flags().BoolVar(&nativeZero, "native-zero", false, "measure empty page data as SNP zero pages (igvmmeasure --native-zero)")
+	cmd.Flags().StringVar(&rules, "rules", "igvmmeasure", "igvmmeasure, crate or qemu")
+	cmd.Flags().BoolVar(&checkKVM, "check-kvm", false, "refuse a file QEMU/KVM cannot launch with this digest (igvmmeasure --check-kvm)")
 	return cmd
 }
