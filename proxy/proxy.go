@@ -171,12 +171,16 @@ func (p *Proxy) serveSession(ctx context.Context, rw net.Conn, first bool) error
 	c := &conn{p: p, rw: rw, http: &http.Client{Jar: jar, Timeout: p.opts.StepTimeout}}
 	var body []byte
 	var err error
-	if first || !p.opts.Persistent {
+	if !p.opts.Persistent {
 		body, err = c.read()
 	} else {
-		_ = rw.SetReadDeadline(time.Time{}) // idle between sessions: the VM decides when
+		// A serial peer (QEMU's COM3) connects when the VM starts; the SVSM speaks only after
+		// its own boot, which under some hosts takes minutes, and between sessions the VM
+		// decides when. So the first message of a session has no deadline, as upstream aproxy
+		// waits; everything after it is bounded.
+		_ = rw.SetReadDeadline(time.Time{})
 		body, err = protocol.ReadFrame(rw, protocol.MaxFrameSize)
-		if errors.Is(err, io.EOF) {
+		if !first && errors.Is(err, io.EOF) {
 			return errIdleClose // the VM went away between sessions: a normal end
 		}
 	}
