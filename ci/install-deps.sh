@@ -9,6 +9,10 @@ pkgs=(gcc libc6-dev libssl-dev cryptsetup-bin)
 # The QEMU backend (make test runs its scenarios too): QEMU, and xz to unpack the kernel that
 # `svsm-e2e images` fetches with apt-get download.
 pkgs+=(qemu-system-x86 xz-utils)
+# The IGVM-capable QEMU in ../shared/tools/qemu-igvm (backend:coconut specs, when present) is
+# linked against these Debian libraries (its README); qemu-system-x86 brings them too, named
+# here so that the dependency is explicit.
+pkgs+=(libglib2.0-0 libslirp0 libfdt1 zlib1g libpcre2-8-0)
 
 missing=()
 for p in "${pkgs[@]}"; do

@@ -72,6 +72,8 @@ type Stack struct {
 	mu      sync.Mutex
 	rng     *rand.Rand
 	vms     []*VM
+	// coconuts are the QEMU processes of the coconut backend still to stop.
+	coconuts []*CoconutRunning
 }
 
 // NewStack starts the host side in opts.WorkDir.
@@ -101,8 +103,11 @@ func (s *Stack) Seed() uint64 { return s.opts.Seed }
 // without the caller's own locking).
 func (s *Stack) Rand() *rand.Rand { return s.rng }
 
-// Close stops the host side.
-func (s *Stack) Close() error { return s.Host.Stop() }
+// Close stops any real SVSM still running, then the host side.
+func (s *Stack) Close() error {
+	_ = s.stopCoconuts()
+	return s.Host.Stop()
+}
 
 // RestartVerifier stops the verifier and starts it again on the same database and addresses.
 func (s *Stack) RestartVerifier(ctx context.Context) error { return s.Host.RestartVerifier(ctx) }

@@ -1,6 +1,7 @@
 package scenarios
 
 import (
+	"context"
 	"strings"
 
 	. "github.com/onsi/ginkgo/v2"
@@ -76,7 +77,12 @@ func action(run *harness.GuestRun, name string) protocol.Event {
 	return ev
 }
 
-func view(vm *harness.VM) *verifier.VMView {
+// viewer is a VM of any backend.
+type viewer interface {
+	View(ctx context.Context) (*verifier.VMView, error)
+}
+
+func view(vm viewer) *verifier.VMView {
 	GinkgoHelper()
 	v, err := vm.View(ctx())
 	Expect(err).NotTo(HaveOccurred())

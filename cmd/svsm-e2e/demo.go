@@ -42,9 +42,9 @@ func demoCmd() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			switch backend {
-			case "process", "qemu":
+			case "process", "qemu", "coconut":
 			default:
-				return fmt.Errorf("--backend %q: want process or qemu", backend)
+				return fmt.Errorf("--backend %q: want process, qemu or coconut", backend)
 			}
 			workdir, _ = filepath.Abs(workdir)
 			if err := os.RemoveAll(workdir); err != nil {
@@ -58,13 +58,107 @@ func demoCmd() *cobra.Command {
 			defer stop()
 			ctx, cancel := context.WithTimeout(ctx, 15*time.Minute)
 			defer cancel()
+			if backend == "coconut" {
+				return runCoconutDemo(ctx, workdir, bins)
+			}
 			return runDemo(ctx, workdir, bins, backend)
 		},
 	}
-	cmd.Flags().StringVar(&backend, "backend", "process", "process (embedded) or qemu")
+	cmd.Flags().StringVar(&backend, "backend", "process", "process (embedded), qemu, or coconut (upstream's real SVSM; see README)")
 	cmd.Flags().StringVar(&workdir, "workdir", "demo-work", "scratch directory (wiped first)")
 	cmd.Flags().StringVar(&binDir, "bin-dir", "", "where the server binaries are (default: beside svsm-e2e, then PATH)")
 	return cmd
+}
+
+// table prints the summary of the steps taken.
+func (d *demo) table(workdir string) {
+	fmt.Println()
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "LAYER\tSTEP\tOUTCOME\tDETAIL")
+	for _, r := range d.rows {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", r[0], r[1], r[2], r[3])
+	}
+	tw.Flush()
+	fmt.Println()
+	fmt.Printf("Everything (consoles, host logs, verifier audit): %s\n", workdir)
+}
+
+// runCoconutDemo boots upstream's real COCONUT-SVSM against our host side: it attests for
+// real, then a clone without a boot request is refused.
+func runCoconutDemo(ctx context.Context, workdir string, bins harness.Binaries) error {
+	d := &demo{}
+	fmt.Printf("svsm-e2e demo — backend: coconut (upstream's COCONUT-SVSM under an IGVM-capable QEMU, TCG)\n\n")
+	o, reason := harness.FindCoconut(".")
+	if reason != "" {
+		return fmt.Errorf("the coconut backend cannot run here: %s", reason)
+	}
+	fmt.Printf("QEMU %s\nIGVM %s\n\n", o.QEMU, o.IGVM)
+	var s *harness.Stack
+	defer func() {
+		if s != nil {
+			_ = s.CollectArtifacts(context.WithoutCancel(ctx))
+			_ = s.Close()
+		}
+		d.table(workdir)
+	}()
+	if err := d.step("host", "start fakesnp, svsm-verifier, svsm-proxy", func() (string, error) {
+		var err error
+		s, err = harness.NewStack(ctx, harness.StackOptions{WorkDir: workdir, Binaries: bins, Seed: 1, Logger: daemon.Logger("demo", "text", "error")})
+		if err != nil {
+			return "", err
+		}
+		return fmt.Sprintf("verifier %s, proxy %s", s.Host.VerifierURL, s.ProxySocket()), nil
+	}); err != nil {
+		return err
+	}
+	var v *harness.CoconutVM
+	if err := d.step("host", "measure the SVSM's IGVM with our code, launch it at fakesnp, register it (raw secret)", func() (string, error) {
+		var err error
+		v, err = s.NewCoconutVM(ctx, "svsm", o)
+		if err != nil {
+			return "", err
+		}
+		return fmt.Sprintf("launch digest %x…", v.Measurement[:8]), nil
+	}); err != nil {
+		return err
+	}
+	lines := func(r *harness.CoconutRun, markers ...string) string {
+		var out []string
+		for _, m := range markers {
+			if l := r.Line(m); l != "" {
+				out = append(out, l)
+			}
+		}
+		return strings.Join(out, " | ")
+	}
+	if err := d.step("svsm", "boot the real SVSM with a primed boot request", func() (string, error) {
+		r, err := v.Boot(ctx, harness.CoconutBootOptions{})
+		if err != nil {
+			return "", err
+		}
+		if !r.Has(harness.MarkerAttested) {
+			return "", fmt.Errorf("no attestation (%s): %s", r.Outcome, lines(r, harness.MarkerPanic, "unwrap"))
+		}
+		return fmt.Sprintf("%s (%.1f s)", lines(r, harness.MarkerReport, harness.MarkerAttested, harness.MarkerInitDone), r.Duration.Seconds()), nil
+	}); err != nil {
+		return err
+	}
+	return d.step("attack", "clone: a second real SVSM without a new boot request", func() (string, error) {
+		r, err := v.Boot(ctx, harness.CoconutBootOptions{NoPrime: true})
+		if err != nil {
+			return "", err
+		}
+		if r.Has(harness.MarkerAttested) {
+			return "", errors.New("the clone got the key")
+		}
+		evs, err := s.Audit(ctx, v.Registration)
+		if err != nil || len(evs) == 0 {
+			return "", fmt.Errorf("audit: %v", err)
+		}
+		last := evs[len(evs)-1]
+		return fmt.Sprintf("refused; verifier audit: %s %s — %s; the SVSM: %s", last.Event, last.Outcome,
+			strings.SplitN(last.Reason, " (", 2)[0], lines(r, "unwrap()")), nil
+	})
 }
 
 func runDemo(ctx context.Context, workdir string, bins harness.Binaries, backendName string) (err error) {
@@ -91,15 +185,7 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries, backend
 			_ = s.CollectArtifacts(context.WithoutCancel(ctx))
 			_ = s.Close()
 		}
-		fmt.Println()
-		tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-		fmt.Fprintln(tw, "LAYER\tSTEP\tOUTCOME\tDETAIL")
-		for _, r := range d.rows {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", r[0], r[1], r[2], r[3])
-		}
-		tw.Flush()
-		fmt.Println()
-		fmt.Printf("Everything (consoles, disks at each step, host logs, verifier audit): %s\n", workdir)
+		d.table(workdir)
 	}()
 	if bins.Guest == "" {
 		return errors.New("svsm-guest binary not found (run `make build`)")
