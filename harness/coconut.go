@@ -36,12 +36,22 @@ const (
 	MarkerInitDone     = "[init] Terminating task init"
 	MarkerPanic        = "Panic on CPU"
 	MarkerSerialAproxy = "Falling back to serial port transport"
+	MarkerBoot         = "COCONUT Secure Virtual Machine Service Module"
+	MarkerVTPMNew      = "VTPM: manufacturing new NV state"
+	MarkerVTPMLoaded   = "VTPM: loaded existing NV state"
+	MarkerStorageOpen  = "persistent CocoonFs storage opened successfully"
+	MarkerStorageNone  = "no persistent CocoonFs storage found"
 )
 
 // CoconutOptions locate upstream's pieces.
 type CoconutOptions struct {
 	QEMU string // IGVM-capable qemu-system-x86_64
 	IGVM string // COCONUT-SVSM IGVM (attest-serial, report from COM4)
+	// Spec adds policy to the registration (e.g. a minimum TCB); name, measurement, HOST_DATA
+	// and the raw secret mode are set by NewCoconutVM.
+	Spec verifier.VMSpec
+	// Policy is the guest policy fakesnp reports for the launch (default: fakesnp's).
+	Policy uint64
 	// Timeout bounds one boot, from QEMU's start to the end of init or a panic (default 60 s).
 	Timeout time.Duration
 }
@@ -109,7 +119,7 @@ func (s *Stack) NewCoconutVM(ctx context.Context, name string, o CoconutOptions)
 	if err := os.MkdirAll(v.Dir, 0o755); err != nil {
 		return nil, err
 	}
-	if v.hj, err = s.Host.AddVM(ctx, VMSetup{Name: name, Measurement: v.Measurement, SecretMode: protocol.SecretModeRaw}); err != nil {
+	if v.hj, err = s.Host.AddVM(ctx, VMSetup{Name: name, Measurement: v.Measurement, SecretMode: protocol.SecretModeRaw, Spec: o.Spec, Policy: o.Policy}); err != nil {
 		return nil, err
 	}
 	return v, WriteHostJSON(filepath.Join(v.Dir, "host.json"), v.hj)
@@ -149,6 +159,22 @@ type CoconutRun struct {
 
 // Has reports whether the console shows marker.
 func (r *CoconutRun) Has(marker string) bool { return strings.Contains(r.Console, marker) }
+
+// Reached says how far the SVSM got, from its console: "boot" (the SVSM started), "report"
+// (fakesnp answered its report request), "attested" (it decrypted the released secret),
+// "vtpm" (its vTPM came up) and "init" (its init finished), in that order, plus "panic".
+func (r *CoconutRun) Reached() []string {
+	var out []string
+	for _, st := range []struct{ name, marker string }{
+		{"boot", MarkerBoot}, {"report", MarkerReport}, {"attested", MarkerAttested},
+		{"vtpm", MarkerVTPM}, {"init", MarkerInitDone}, {"panic", MarkerPanic},
+	} {
+		if r.Has(st.marker) {
+			out = append(out, st.name)
+		}
+	}
+	return out
+}
 
 // Line returns the first console line containing s, or "".
 func (r *CoconutRun) Line(s string) string {

@@ -12,6 +12,7 @@ import (
 	. "github.com/onsi/ginkgo/v2"
 	. "github.com/onsi/gomega"
 
+	"github.com/svsm-e2e/svsm-e2e/fakesnp"
 	"github.com/svsm-e2e/svsm-e2e/harness"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 	"github.com/svsm-e2e/svsm-e2e/verifier"
@@ -30,7 +31,14 @@ func coconutOptions() harness.CoconutOptions {
 
 func newCoconut(s *harness.Stack, name string) *harness.CoconutVM {
 	GinkgoHelper()
-	v, err := s.NewCoconutVM(ctx(), name, coconutOptions())
+	return newCoconutWith(s, name, func(*harness.CoconutOptions) {})
+}
+
+func newCoconutWith(s *harness.Stack, name string, change func(*harness.CoconutOptions)) *harness.CoconutVM {
+	GinkgoHelper()
+	o := coconutOptions()
+	change(&o)
+	v, err := s.NewCoconutVM(ctx(), name, o)
 	Expect(err).NotTo(HaveOccurred())
 	return v
 }
@@ -48,6 +56,7 @@ func coconutBoot(v *harness.CoconutVM, o harness.CoconutBootOptions) *harness.Co
 func expectAttested(run *harness.CoconutRun) {
 	GinkgoHelper()
 	Expect(run.Outcome).To(Equal("init-done"), "console:\n%s", run.Console)
+	Expect(run.Reached()).To(Equal([]string{"boot", "report", "attested", "vtpm", "init"}))
 	Expect(run.Has(harness.MarkerReport)).To(BeTrue())
 	Expect(run.Has(harness.MarkerAttested)).To(BeTrue(), "console:\n%s", run.Console)
 	Expect(run.Has(harness.MarkerPanic)).To(BeFalse())
@@ -109,6 +118,16 @@ var _ = Describe("Real COCONUT-SVSM", Label("backend:coconut"), func() {
 		Expect(view(v).Primed).To(BeTrue(), "nothing was released: the boot request is still there")
 	})
 
+	It("wrong launch: a policy the launch does not meet is refused naming the field", Label("attack"), func() {
+		s := newStack()
+		v := newCoconutWith(s, "svsm", func(o *harness.CoconutOptions) {
+			o.Policy = fakesnp.DefaultPolicy | fakesnp.PolicyDebug // the host launches with debugging allowed
+		})
+		run := coconutBoot(v, harness.CoconutBootOptions{})
+		expectStopped(run, "TeeAttestation(Failed)")
+		Expect(hasAudit(audit(s, ""), "attest", verifier.Deny, "policy.debug:")).To(BeTrue())
+	})
+
 	It("a clone: two real SVSMs on one boot request, at most one gets the key", Label("attack"), func() {
 		s := newStack()
 		v := newCoconut(s, "svsm")
@@ -151,6 +170,18 @@ var _ = Describe("Real COCONUT-SVSM", Label("backend:coconut"), func() {
 			Expect(e.Event).NotTo(Equal("confirm"))
 		}
 		Expect(vw.SecretMode).To(Equal(protocol.SecretModeRaw), "upstream takes the 32-byte secret as its key, the same every boot")
+	})
+
+	It("this build keeps no state: every boot manufactures a new vTPM (known limitation)", Label("known-limitation"), func() {
+		s := newStack()
+		v := newCoconut(s, "svsm")
+		for range 2 {
+			run := coconutBoot(v, harness.CoconutBootOptions{})
+			expectAttested(run)
+			Expect(run.Has(harness.MarkerVTPMNew)).To(BeTrue())
+			Expect(run.Has(harness.MarkerVTPMLoaded)).To(BeFalse(),
+				"the SVSM now restores its vTPM: persistence reached this build (its persistence feature and COCONUT's virtio-mmio QEMU); add the state disk and update this spec")
+		}
 	})
 })
 
