@@ -123,15 +123,17 @@ var _ = Describe("Re-primed while a boot is in flight", Label("backend:process",
 		other, err := s.Clone(vm, "vm-other")
 		Expect(err).NotTo(HaveOccurred())
 		// Each instance's confirmation is held by the host until released.
-		hold := func(v *harness.VM, name string) (held chan struct{}, release chan struct{}) {
-			held, release = make(chan struct{}), make(chan struct{})
-			var once sync.Once
+		hold := func(v *harness.VM, name string) (held chan struct{}, release func()) {
+			held, gate := make(chan struct{}), make(chan struct{})
+			var once, opened sync.Once
+			release = func() { opened.Do(func() { close(gate) }) }
 			t := startConfirmMITM(s, v, name)
+			DeferCleanup(release) // runs before the MITM's Close, so a failed spec never leaves a relay blocked
 			t.set(func(f harness.Frame, _ bool) harness.Verdict {
 				if f.Dir == harness.ToProxy {
 					once.Do(func() {
 						close(held)
-						<-release
+						<-gate
 					})
 				}
 				return harness.Verdict{}
@@ -152,13 +154,13 @@ var _ = Describe("Re-primed while a boot is in flight", Label("backend:process",
 		Expect(err).NotTo(HaveOccurred())
 		Eventually(heldB).WithTimeout(time.Minute).Should(BeClosed())
 
-		close(releaseA)
+		releaseA()
 		runA, err := a.Wait(ctx())
 		Expect(err).NotTo(HaveOccurred())
 		ev := expectFailed(runA, protocol.LayerSVSM, "confirm-refused")
 		Expect(ev.String("detail")).To(ContainSubstring("superseded"))
 		noEvent(runA, "measured")
-		close(releaseB)
+		releaseB()
 		runB, err := b.Wait(ctx())
 		Expect(err).NotTo(HaveOccurred())
 		expectBooted(runB)
