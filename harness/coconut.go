@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/svsm-e2e/svsm-e2e/igvm"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
+	"github.com/svsm-e2e/svsm-e2e/qemu"
 	"github.com/svsm-e2e/svsm-e2e/verifier"
 )
 
@@ -47,6 +47,13 @@ const (
 type CoconutOptions struct {
 	QEMU string // IGVM-capable qemu-system-x86_64
 	IGVM string // COCONUT-SVSM IGVM (attest-serial, report from COM4)
+	// Profile is qemu.CoconutNoCC (default: TCG, no SEV, the report from fakesnp on COM4) or
+	// qemu.Coconut (SEV-SNP on KVM, the report from the real AMD-SP: the hardware leg).
+	Profile qemu.Profile
+	// CBitPos overrides the C-bit position the coconut profile reads from CPUID.
+	CBitPos int
+	// MemoryMiB and CPUs of the VM (defaults 2048 and 2).
+	MemoryMiB, CPUs int
 	// Spec adds policy to the registration (e.g. a minimum TCB); name, measurement, HOST_DATA
 	// and the raw secret mode are set by NewCoconutVM.
 	Spec verifier.VMSpec
@@ -73,14 +80,17 @@ func FindCoconut(root string) (CoconutOptions, string) {
 	if _, err := os.Stat(o.IGVM); err != nil {
 		return o, fmt.Sprintf("no COCONUT-SVSM IGVM at %s (set %s)", o.IGVM, EnvCoconutIGVM)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, o.QEMU, "-object", "help").CombinedOutput()
-	if err != nil {
-		return o, fmt.Sprintf("%s does not run: %v", o.QEMU, err)
+	if o.Profile == "" {
+		o.Profile = qemu.CoconutNoCC
 	}
-	if !bytes.Contains(out, []byte("igvm-cfg")) {
-		return o, fmt.Sprintf("%s has no igvm-cfg object (built without IGVM)", o.QEMU)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	caps, err := qemu.Probe(ctx, o.QEMU)
+	if err != nil {
+		return o, err.Error()
+	}
+	if _, err := caps.Choose(o.Profile); err != nil {
+		return o, err.Error()
 	}
 	return o, ""
 }
@@ -195,20 +205,21 @@ type CoconutRunning struct {
 	args    []string
 }
 
-// CoconutArgs is the QEMU command line for one boot (upstream launch_guest.sh --nocc --tcg,
-// plus the serial wiring of the attestation path).
-func CoconutArgs(o CoconutOptions, console, proxySocket, snpSocket string) []string {
-	return []string{
-		"-cpu", "max,smep=on",
-		"-machine", "q35,memory-backend=mem0,igvm-cfg=igvm0,accel=tcg",
-		"-object", "memory-backend-ram,size=2G,id=mem0,prealloc=false",
-		"-object", "igvm-cfg,id=igvm0,file=" + o.IGVM,
-		"-smp", "2", "-no-reboot", "-nographic", "-vga", "none", "-nic", "none", "-monitor", "none",
-		"-serial", "file:" + console, // COM1: console
-		"-serial", "null", // COM2: debug
-		"-serial", "unix:" + proxySocket, // COM3: attestation proxy (QEMU is the client)
-		"-serial", "unix:" + snpSocket, // COM4: the report source
+// CoconutLaunch is the QEMU launch for one boot: upstream's launch_guest.sh (--nocc --tcg
+// for the coconut-nocc profile, SEV-SNP on KVM for coconut), COM3 to the proxy, and in the
+// nocc profile COM4 to fakesnp's report channel.
+func CoconutLaunch(o CoconutOptions, console, proxySocket, snpSocket string) *qemu.SVSMLaunch {
+	l := &qemu.SVSMLaunch{IGVM: o.IGVM, Accel: qemu.TCG, MemoryMiB: o.MemoryMiB, CPUs: o.CPUs, Console: console, Proxy: proxySocket, Report: snpSocket}
+	if l.MemoryMiB == 0 {
+		l.MemoryMiB = 2048
 	}
+	if l.CPUs == 0 {
+		l.CPUs = 2
+	}
+	if o.Profile == qemu.Coconut {
+		l.CC, l.Accel, l.CBitPos, l.Report = true, qemu.KVM, o.CBitPos, "" // the real AMD-SP signs
+	}
+	return l
 }
 
 // Start boots the real SVSM once (priming a boot request unless NoPrime).
@@ -223,7 +234,11 @@ func (v *CoconutVM) Start(ctx context.Context, o CoconutBootOptions) (*CoconutRu
 	n, hj := v.boots, *v.hj
 	v.mu.Unlock()
 	console := filepath.Join(v.Dir, fmt.Sprintf("%02d-boot.console", n))
-	args := CoconutArgs(v.opts, console, hj.ProxySocket, hj.SNPSocket)
+	args, err := CoconutLaunch(v.opts, console, hj.ProxySocket, hj.SNPSocket).Args()
+	if err != nil {
+		return nil, err
+	}
+	_ = os.WriteFile(filepath.Join(v.Dir, fmt.Sprintf("%02d-boot.qemu-cmdline", n)), []byte(v.opts.QEMU+" "+strings.Join(args, " ")+"\n"), 0o644)
 	p, err := StartProc("qemu-coconut", v.opts.QEMU, args, filepath.Join(v.Dir, fmt.Sprintf("%02d-boot.qemu.log", n)))
 	if err != nil {
 		return nil, err

@@ -107,7 +107,7 @@ type QEMUInstance struct {
 // Reset asks QEMU for a system reset over QMP. QEMU runs with -no-reboot, so the reset ends
 // this QEMU process like a power cycle; the next boot is a new Start.
 func (q *QEMUInstance) Reset(ctx context.Context) error {
-	_, err := q.Proc.Command(ctx, "system_reset", 10*time.Second)
+	err := q.Proc.Reset(ctx)
 	return err
 }
 
@@ -203,10 +203,6 @@ func (b *QEMUBackend) Start(ctx context.Context, vm *VM, o GuestOptions) (Instan
 	}
 	if o.ControlSocket != "" {
 		m.Ports = append(m.Ports, qemu.Port{Name: guest.PortControl, Socket: o.ControlSocket})
-	}
-	if m.Profile == qemu.Coconut {
-		// A QEMU with igvm-cfg loads the launch image itself: SNP firmware measures exactly it.
-		m.IGVM, m.Kernel, m.Initrd, m.Cmdline = vm.LaunchImage, "", "", ""
 	}
 	args, _ := m.Args()
 	_ = os.WriteFile(filepath.Join(vm.Dir, fmt.Sprintf("qemu-%02d.cmdline", n)), []byte(b.Caps.Binary+" "+strings.Join(args, " ")+"\n"), 0o644)

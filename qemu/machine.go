@@ -18,9 +18,13 @@ const (
 	Microvm Profile = "microvm"
 	// Q35: virtio-pci, for QEMUs or kernels without virtio-mmio.
 	Q35 Profile = "q35"
-	// Coconut: q35 with igvm-cfg, x-svsm-virtio-mmio=on and sev-snp-guest, for the COCONUT
-	// QEMU fork on SEV-SNP hosts with a user-supplied IGVM.
+	// Coconut runs a user's COCONUT-SVSM IGVM on an SEV-SNP host (QEMU with igvm-cfg,
+	// sev-snp-guest and the COCONUT fork's x-svsm-virtio-mmio), argv as upstream's
+	// launch_guest.sh: see SVSMLaunch. svsm-guest images do not run on it.
 	Coconut Profile = "coconut"
+	// CoconutNoCC runs a COCONUT-SVSM IGVM without SEV (launch_guest.sh --nocc --tcg): any QEMU
+	// with igvm-cfg.
+	CoconutNoCC Profile = "coconut-nocc"
 )
 
 // Accel is the accelerator.
@@ -36,7 +40,7 @@ const (
 type Disk struct {
 	ID, Path, Serial string
 	ReadOnly         bool
-	// SVSM marks the disk for the SVSM's own virtio-mmio slot (coconut profile).
+	// SVSM marks the disk as the SVSM state disk (a virtio-mmio slot on microvm).
 	SVSM bool
 }
 
@@ -55,7 +59,6 @@ type Machine struct {
 	Kernel    string
 	Initrd    string
 	Cmdline   string
-	IGVM      string // coconut only
 	Console   string // unix socket for ttyS0 (the host listens)
 	QMP       string // unix socket QEMU listens on for QMP
 	Disks     []Disk
@@ -68,13 +71,13 @@ var idRE = strings.NewReplacer(",", "", "=", "")
 // Args returns QEMU's arguments (without the binary). The guest resets instead of halting
 // (-no-reboot ends QEMU then), so every boot is one QEMU process.
 func (m *Machine) Args() ([]string, error) {
-	if m.Kernel == "" && m.Profile != Coconut {
+	if m.Profile == Coconut || m.Profile == CoconutNoCC {
+		return nil, fmt.Errorf("qemu: profile %s runs a COCONUT-SVSM IGVM (SVSMLaunch), not a kernel", m.Profile)
+	}
+	if m.Kernel == "" {
 		return nil, errors.New("qemu: Kernel is required")
 	}
-	if m.Profile == Coconut && m.IGVM == "" {
-		return nil, errors.New("qemu: the coconut profile needs an IGVM file")
-	}
-	for _, s := range []string{m.Kernel, m.Initrd, m.IGVM, m.Console, m.QMP} {
+	for _, s := range []string{m.Kernel, m.Initrd, m.Console, m.QMP} {
 		if strings.ContainsAny(s, ",\n") {
 			return nil, fmt.Errorf("qemu: path %q contains a comma or newline", s)
 		}
@@ -104,12 +107,6 @@ func (m *Machine) Args() ([]string, error) {
 		bus = "device"
 	case Q35:
 		args = append(args, "-machine", "q35")
-	case Coconut:
-		args = append(args,
-			"-machine", "q35,confidential-guest-support=sev0,memory-backend=ram0,igvm-cfg=igvm0,x-svsm-virtio-mmio=on",
-			"-object", fmt.Sprintf("memory-backend-memfd,id=ram0,size=%dM,share=true,prealloc=false", mem),
-			"-object", "sev-snp-guest,id=sev0,cbitpos=51,reduced-phys-bits=1",
-			"-object", "igvm-cfg,id=igvm0,file="+m.IGVM)
 	default:
 		return nil, fmt.Errorf("qemu: unknown profile %q", m.Profile)
 	}
@@ -148,9 +145,6 @@ func (m *Machine) Args() ([]string, error) {
 			drive += ",cache=directsync" // a completed guest write is on the host's disk
 		}
 		dev := "virtio-blk-" + bus
-		if d.SVSM && m.Profile == Coconut {
-			dev = "virtio-blk-device" // the SVSM's own virtio-mmio slot
-		}
 		args = append(args, "-drive", drive, "-device", dev+",drive="+idRE.Replace(d.ID)+",serial="+d.Serial)
 	}
 	if m.RNG {

@@ -1,14 +1,11 @@
 package qemu
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
 	"os/exec"
-	"regexp"
 	"strings"
-	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -20,28 +17,22 @@ const DefaultBinary = "qemu-system-x86_64"
 type Capabilities struct {
 	Binary   string
 	Version  string
-	Machines map[string]bool
-	Objects  map[string]bool
-	Devices  map[string]bool
+	Machines map[string]bool // machine names (q35, microvm, …) and their QOM type names
+	Objects  map[string]bool // QOM types (igvm-cfg, sev-snp-guest, …)
+	Devices  map[string]bool // QOM types, for devices (virtio-blk-device, …)
+	// SVSMVirtioMMIO: the q35 machine has the COCONUT fork's x-svsm-virtio-mmio property.
+	SVSMVirtioMMIO bool
 	// KVM tells whether KVM can run our guests, and why not.
 	KVM       bool
 	KVMReason string
+	// SNPHost tells whether this host's KVM offers SEV-SNP, and why not.
+	SNPHost       bool
+	SNPHostReason string
 }
 
-func output(ctx context.Context, bin string, args ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	var out bytes.Buffer
-	cmd := exec.CommandContext(ctx, bin, args...)
-	cmd.Stdout, cmd.Stderr = &out, &out
-	err := cmd.Run()
-	return out.String(), err
-}
-
-var firstWord = regexp.MustCompile(`(?m)^\s*([A-Za-z0-9_.-]+)`)
-var quotedName = regexp.MustCompile(`name "([^"]+)"`)
-
-// Probe asks the QEMU binary what it supports and checks whether KVM is usable.
+// Probe asks the QEMU binary over QMP what it is and supports (query-version,
+// qom-list-types, query-machines, qom-list-properties, query-qmp-schema: no help text), and
+// checks whether KVM and SEV-SNP are usable on this host.
 func Probe(ctx context.Context, bin string) (*Capabilities, error) {
 	if bin == "" {
 		bin = DefaultBinary
@@ -50,32 +41,25 @@ func Probe(ctx context.Context, bin string) (*Capabilities, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s not found (install Debian package qemu-system-x86): %w", bin, err)
 	}
-	c := &Capabilities{Binary: path, Machines: map[string]bool{}, Objects: map[string]bool{}, Devices: map[string]bool{}}
-	v, err := output(ctx, path, "--version")
+	f, err := ProbeQMP(ctx, path)
 	if err != nil {
-		return nil, fmt.Errorf("%s --version: %w", path, err)
+		return nil, fmt.Errorf("probe %s: %w", path, err)
 	}
-	c.Version = strings.TrimSpace(strings.SplitN(v, "\n", 2)[0])
-	m, err := output(ctx, path, "-machine", "help")
-	if err != nil {
-		return nil, fmt.Errorf("%s -machine help: %w", path, err)
-	}
-	for _, l := range strings.Split(m, "\n")[1:] {
-		if f := firstWord.FindStringSubmatch(l); f != nil {
-			c.Machines[f[1]] = true
+	c := &Capabilities{Binary: path, Version: "QEMU " + f.Version, Machines: map[string]bool{}, Objects: f.Types, Devices: f.Types,
+		SVSMVirtioMMIO: f.Q35Props["x-svsm-virtio-mmio"]}
+	for t := range f.Types {
+		if name, ok := strings.CutSuffix(t, "-machine"); ok {
+			c.Machines[name] = true
 		}
 	}
-	o, _ := output(ctx, path, "-object", "help")
-	for _, l := range strings.Split(o, "\n")[1:] {
-		if f := firstWord.FindStringSubmatch(l); f != nil {
-			c.Objects[f[1]] = true
-		}
+	if f.Q35Type != "" {
+		c.Machines["q35"] = true
 	}
-	d, _ := output(ctx, path, "-device", "help")
-	for _, f := range quotedName.FindAllStringSubmatch(d, -1) {
-		c.Devices[f[1]] = true
+	if !f.SchemaIGVM {
+		delete(c.Objects, "igvm-cfg") // a type QMP cannot create is no use
 	}
 	c.KVM, c.KVMReason = kvmUsable()
+	c.SNPHost, c.SNPHostReason = SNPHost()
 	return c, nil
 }
 
@@ -112,14 +96,33 @@ func (c *Capabilities) Choose(want Profile) (Choice, error) {
 	if c.KVM {
 		accel, why = KVM, "KVM because "+c.KVMReason
 	}
-	coconut := c.Objects["igvm-cfg"] && c.Objects["sev-snp-guest"] && c.KVM
 	switch want {
 	case Coconut:
-		if !coconut {
-			return Choice{}, fmt.Errorf("profile coconut needs igvm-cfg, sev-snp-guest and KVM; %s has igvm-cfg=%v sev-snp-guest=%v, %s",
-				c.Version, c.Objects["igvm-cfg"], c.Objects["sev-snp-guest"], why)
+		var missing []string
+		if !c.Objects["igvm-cfg"] {
+			missing = append(missing, "igvm-cfg")
 		}
-		return Choice{Coconut, KVM, fmt.Sprintf("coconut (requested) on %s with KVM", c.Version)}, nil
+		if !c.Objects["sev-snp-guest"] {
+			missing = append(missing, "sev-snp-guest")
+		}
+		if !c.SVSMVirtioMMIO {
+			missing = append(missing, "x-svsm-virtio-mmio (the COCONUT fork)")
+		}
+		if !c.KVM {
+			missing = append(missing, "KVM ("+c.KVMReason+")")
+		}
+		if !c.SNPHost {
+			missing = append(missing, "an SEV-SNP host ("+c.SNPHostReason+")")
+		}
+		if len(missing) > 0 {
+			return Choice{}, fmt.Errorf("profile coconut on %s lacks %s", c.Version, strings.Join(missing, ", "))
+		}
+		return Choice{Coconut, KVM, fmt.Sprintf("coconut (requested) on %s with KVM on an SEV-SNP host", c.Version)}, nil
+	case CoconutNoCC:
+		if !c.Objects["igvm-cfg"] {
+			return Choice{}, fmt.Errorf("profile coconut-nocc on %s lacks igvm-cfg (QEMU built without IGVM)", c.Version)
+		}
+		return Choice{CoconutNoCC, accel, fmt.Sprintf("coconut-nocc on %s (igvm-cfg), %s", c.Version, why)}, nil
 	case Microvm, "":
 		if c.Machines["microvm"] && c.Devices["virtio-blk-device"] {
 			return Choice{Microvm, accel, fmt.Sprintf("microvm (virtio-mmio) on %s, %s; no IGVM support (igvm-cfg=%v)", c.Version, why, c.Objects["igvm-cfg"])}, nil

@@ -3,7 +3,6 @@ package qemu
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os/exec"
@@ -12,6 +11,7 @@ import (
 	"time"
 
 	"github.com/digitalocean/go-qemu/qmp"
+	"github.com/digitalocean/go-qemu/qmp/raw"
 )
 
 // Process is a running QEMU.
@@ -31,6 +31,11 @@ func Start(bin string, m *Machine) (*Process, error) {
 	if err != nil {
 		return nil, err
 	}
+	return StartArgs(bin, args)
+}
+
+// StartArgs runs QEMU with the given arguments.
+func StartArgs(bin string, args []string) (*Process, error) {
 	if bin == "" {
 		bin = DefaultBinary
 	}
@@ -131,6 +136,36 @@ func (p *Process) ConnectQMP(socket string, timeout time.Duration) error {
 	}
 }
 
+// WaitEvent waits until QMP has delivered an event named name (lifecycle waits follow QMP's
+// events: SHUTDOWN, STOP, RESUME, RESET), or QEMU exits, or the bound passes.
+func (p *Process) WaitEvent(ctx context.Context, name string, timeout time.Duration) error {
+	deadline := time.NewTimer(timeout)
+	defer deadline.Stop()
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		for _, e := range p.QMPEvents() {
+			if e == name {
+				return nil
+			}
+		}
+		select {
+		case <-tick.C:
+		case <-p.done:
+			for _, e := range p.QMPEvents() {
+				if e == name {
+					return nil
+				}
+			}
+			return fmt.Errorf("QEMU exited without a %s event", name)
+		case <-deadline.C:
+			return fmt.Errorf("no %s event within %s", name, timeout)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
 // QMPEvents returns the QMP event names seen so far (for artifacts and assertions).
 func (p *Process) QMPEvents() []string {
 	p.mu.Lock()
@@ -142,35 +177,45 @@ func (p *Process) QMPEvents() []string {
 	return out
 }
 
-// Command runs a QMP command with a bound; on timeout QEMU is killed (a wedged monitor is
-// not worth waiting for).
-func (p *Process) Command(ctx context.Context, name string, timeout time.Duration) (json.RawMessage, error) {
+// typed runs one command of go-qemu's typed QMP API with a bound; on timeout QEMU is killed
+// (a wedged monitor is not worth waiting for).
+func (p *Process) typed(ctx context.Context, name string, timeout time.Duration, call func(*raw.Monitor) error) error {
 	p.mu.Lock()
 	mon := p.mon
 	p.mu.Unlock()
 	if mon == nil {
-		return nil, errors.New("QMP not connected")
+		return errors.New("QMP not connected")
 	}
-	cmd, _ := json.Marshal(map[string]string{"execute": name})
-	type result struct {
-		b   []byte
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		b, err := mon.Run(cmd)
-		ch <- result{b, err}
-	}()
+	ch := make(chan error, 1)
+	go func() { ch <- call(raw.NewMonitor(mon)) }()
 	select {
-	case r := <-ch:
-		return r.b, r.err
+	case err := <-ch:
+		if err != nil {
+			return fmt.Errorf("QMP %s: %w", name, err)
+		}
+		return nil
 	case <-time.After(timeout):
 		p.Kill()
-		return nil, fmt.Errorf("QMP %s: no answer within %s; QEMU killed", name, timeout)
+		return fmt.Errorf("QMP %s: no answer within %s; QEMU killed", name, timeout)
 	case <-ctx.Done():
 		p.Kill()
-		return nil, ctx.Err()
+		return ctx.Err()
 	}
+}
+
+// Reset is QMP system_reset (under -no-reboot, QEMU then shuts down: SHUTDOWN event).
+func (p *Process) Reset(ctx context.Context) error {
+	return p.typed(ctx, "system_reset", 10*time.Second, func(m *raw.Monitor) error { return m.SystemReset() })
+}
+
+// Pause is QMP stop: the vCPUs halt, the devices stay.
+func (p *Process) Pause(ctx context.Context) error {
+	return p.typed(ctx, "stop", 10*time.Second, func(m *raw.Monitor) error { return m.Stop() })
+}
+
+// Resume is QMP cont.
+func (p *Process) Resume(ctx context.Context) error {
+	return p.typed(ctx, "cont", 10*time.Second, func(m *raw.Monitor) error { return m.Cont() })
 }
 
 // Close disconnects QMP.
@@ -187,24 +232,21 @@ func (p *Process) Close() {
 // Status returns QMP query-status's "status" (running, paused, shutdown, ...). A guest that
 // stalls under an unusable accelerator shows up here as paused or internal-error.
 func (p *Process) Status(ctx context.Context) (string, error) {
-	raw, err := p.Command(ctx, "query-status", 10*time.Second)
+	var st raw.StatusInfo
+	err := p.typed(ctx, "query-status", 10*time.Second, func(m *raw.Monitor) error {
+		var err error
+		st, err = m.QueryStatus()
+		return err
+	})
 	if err != nil {
 		return "", err
 	}
-	var r struct {
-		Return struct {
-			Status string `json:"status"`
-		} `json:"return"`
-	}
-	if err := json.Unmarshal(raw, &r); err != nil {
-		return "", fmt.Errorf("query-status: %w", err)
-	}
-	return r.Return.Status, nil
+	return st.Status.String(), nil
 }
 
 // Quit asks QEMU to exit over QMP and waits (bounded); QEMU is killed if it does not go.
 func (p *Process) Quit(ctx context.Context) error {
-	if _, err := p.Command(ctx, "quit", 10*time.Second); err != nil {
+	if err := p.typed(ctx, "quit", 10*time.Second, func(m *raw.Monitor) error { return m.Quit() }); err != nil {
 		select {
 		case <-p.done: // QEMU may close the monitor before answering
 			return nil
