@@ -53,6 +53,7 @@ fuzz:
 bench: deps build
 	$(GO) test -run '^$$' -bench 'BenchmarkAttestRelease' -benchtime 100x ./harness
 	$(GO) test -run '^$$' -bench 'BenchmarkBootToUnlocked' -benchtime 3x ./harness
+	$(GO) test -run '^$$' -bench 'BenchmarkCoconutAttest' -benchtime 5x ./harness
 
 demo: deps build
 	$(BIN)/svsm-e2e demo --backend $(BACKEND) --workdir $(CURDIR)/demo-work

@@ -63,10 +63,13 @@ type CoconutOptions struct {
 	Timeout time.Duration
 }
 
+// EnvCoconutProfile selects the coconut profile the suite runs (coconut-nocc by default).
+const EnvCoconutProfile = "SVSM_E2E_COCONUT_PROFILE"
+
 // FindCoconut resolves the options from the environment, else the shared tools beside the
 // project (root/../shared/tools). It returns a one-line reason when something is missing.
 func FindCoconut(root string) (CoconutOptions, string) {
-	o := CoconutOptions{QEMU: os.Getenv(EnvQEMUIGVM), IGVM: os.Getenv(EnvCoconutIGVM)}
+	o := CoconutOptions{QEMU: os.Getenv(EnvQEMUIGVM), IGVM: os.Getenv(EnvCoconutIGVM), Profile: qemu.Profile(os.Getenv(EnvCoconutProfile))}
 	tools := filepath.Join(root, "..", "shared", "tools")
 	if o.QEMU == "" {
 		o.QEMU = filepath.Join(tools, "qemu-igvm", "bin", "qemu-system-x86_64")
@@ -74,6 +77,12 @@ func FindCoconut(root string) (CoconutOptions, string) {
 	if o.IGVM == "" {
 		o.IGVM = filepath.Join(tools, "coconut-svsm", "coconut-svsm-fakesnp.igvm")
 	}
+	return CheckCoconut(o)
+}
+
+// CheckCoconut checks that o can run here: the files exist, and the QEMU's probe allows the
+// profile. It returns a one-line reason when not.
+func CheckCoconut(o CoconutOptions) (CoconutOptions, string) {
 	if st, err := os.Stat(o.QEMU); err != nil || st.IsDir() {
 		return o, fmt.Sprintf("no IGVM-capable QEMU at %s (set %s)", o.QEMU, EnvQEMUIGVM)
 	}
@@ -105,6 +114,7 @@ type CoconutVM struct {
 	hj                 *protocol.HostJSON
 	mu                 sync.Mutex
 	boots              int
+	stateDisk          string
 }
 
 // NewCoconutVM measures the IGVM with our own code, launches it at fakesnp (that digest in
@@ -133,6 +143,21 @@ func (s *Stack) NewCoconutVM(ctx context.Context, name string, o CoconutOptions)
 		return nil, err
 	}
 	return v, WriteHostJSON(filepath.Join(v.Dir, "host.json"), v.hj)
+}
+
+// HostJSON is the VM's wiring (sockets and URLs).
+func (v *CoconutVM) HostJSON() protocol.HostJSON {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return *v.hj
+}
+
+// StateDisk, when set before a boot, is given to the SVSM as its persistent state (the
+// coconut profile: virtio-mmio, for an SVSM built with persistence).
+func (v *CoconutVM) SetStateDisk(path string) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.stateDisk = path
 }
 
 // Prime asks the verifier for one more boot.
@@ -231,10 +256,12 @@ func (v *CoconutVM) Start(ctx context.Context, o CoconutBootOptions) (*CoconutRu
 	}
 	v.mu.Lock()
 	v.boots++
-	n, hj := v.boots, *v.hj
+	n, hj, state := v.boots, *v.hj, v.stateDisk
 	v.mu.Unlock()
 	console := filepath.Join(v.Dir, fmt.Sprintf("%02d-boot.console", n))
-	args, err := CoconutLaunch(v.opts, console, hj.ProxySocket, hj.SNPSocket).Args()
+	launch := CoconutLaunch(v.opts, console, hj.ProxySocket, hj.SNPSocket)
+	launch.StateDisk = state
+	args, err := launch.Args()
 	if err != nil {
 		return nil, err
 	}

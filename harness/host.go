@@ -83,6 +83,9 @@ type HostOptions struct {
 	CADir string
 	// VerifierArgs are extra `svsm-verifier serve` flags (e.g. --max-sessions for a flood test).
 	VerifierArgs []string
+	// GenuineAMD makes the verifier trust AMD's genuine roots and fetch VCEKs from AMD's KDS
+	// (the hardware leg: reports signed by a real AMD-SP). fakesnp still runs, unused.
+	GenuineAMD bool
 }
 
 // Host is a running host side.
@@ -225,7 +228,10 @@ func (h *Host) StartVerifier(ctx context.Context) error {
 		listen, adminListen = strings.TrimPrefix(h.VerifierURL, "http://"), strings.TrimPrefix(h.AdminURL, "http://")
 	}
 	args := []string{"serve", "--data-dir", h.path("verifier"), "--listen", listen, "--admin-listen", adminListen,
-		"--addr-file", addrFile, "--admin-addr-file", adminFile, "--kds-url", h.FakeSNPURL, "--trusted-roots", h.path("fakesnp-roots.pem")}
+		"--addr-file", addrFile, "--admin-addr-file", adminFile}
+	if !h.opts.GenuineAMD {
+		args = append(args, "--kds-url", h.FakeSNPURL, "--trusted-roots", h.path("fakesnp-roots.pem"))
+	}
 	args = append(args, h.opts.VerifierArgs...)
 	p, addrs, err := h.launch(ctx, "svsm-verifier", h.opts.Binaries.Verifier, args, addrFile, adminFile)
 	if p != nil {

@@ -61,6 +61,8 @@ type StackOptions struct {
 	Logger  *slog.Logger
 	// VerifierArgs are extra `svsm-verifier serve` flags.
 	VerifierArgs []string
+	// GenuineAMD: the verifier trusts AMD's roots and KDS (see HostOptions).
+	GenuineAMD bool
 }
 
 // Stack is a host side (fakesnp, svsm-verifier, svsm-proxy as processes) plus the VMs the
@@ -84,7 +86,7 @@ func NewStack(ctx context.Context, opts StackOptions) (*Stack, error) {
 	if opts.Backend == nil {
 		opts.Backend = ProcessBackend{Guest: opts.Binaries.Guest}
 	}
-	h, err := StartHost(ctx, HostOptions{WorkDir: opts.WorkDir, Binaries: opts.Binaries, CADir: opts.CADir, Logger: opts.Logger, VerifierArgs: opts.VerifierArgs})
+	h, err := StartHost(ctx, HostOptions{WorkDir: opts.WorkDir, Binaries: opts.Binaries, CADir: opts.CADir, Logger: opts.Logger, VerifierArgs: opts.VerifierArgs, GenuineAMD: opts.GenuineAMD})
 	if err != nil {
 		return nil, err
 	}

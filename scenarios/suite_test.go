@@ -122,6 +122,12 @@ func newStack() *harness.Stack {
 
 func newStackWith(backend harness.Backend) *harness.Stack {
 	GinkgoHelper()
+	return newStackWithOptions(func(o *harness.StackOptions) { o.Backend = backend })
+}
+
+// newStackWithOptions starts a stack for the current spec with options adjusted by change.
+func newStackWithOptions(change func(*harness.StackOptions)) *harness.Stack {
+	GinkgoHelper()
 	report := CurrentSpecReport()
 	h := fnv.New64a()
 	h.Write([]byte(report.FullText()))
@@ -137,7 +143,9 @@ func newStackWith(backend harness.Backend) *harness.Stack {
 	Expect(err).NotTo(HaveOccurred())
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	s, err := harness.NewStack(ctx, harness.StackOptions{WorkDir: dir, Binaries: bins, CADir: suite.CADir, Seed: seed, Backend: backend})
+	opts := harness.StackOptions{WorkDir: dir, Binaries: bins, CADir: suite.CADir, Seed: seed}
+	change(&opts)
+	s, err := harness.NewStack(ctx, opts)
 	Expect(err).NotTo(HaveOccurred())
 	AddReportEntry("seed", s.Seed())
 	DeferCleanup(func() {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/svsm-e2e/svsm-e2e/harness"
 	"github.com/svsm-e2e/svsm-e2e/internal/daemon"
+	"github.com/svsm-e2e/svsm-e2e/qemu"
 )
 
 // demo walks the stack step by step and prints what each layer saw.
@@ -35,7 +36,7 @@ func (d *demo) step(layer, what string, f func() (string, error)) error {
 }
 
 func demoCmd() *cobra.Command {
-	var backend, workdir, binDir string
+	var backend, workdir, binDir, qemuBin, profile, igvmFile string
 	cmd := &cobra.Command{
 		Use:   "demo",
 		Short: "Run the main job with readable progress: boot, reboot, rollback and clone refused",
@@ -59,14 +60,33 @@ func demoCmd() *cobra.Command {
 			ctx, cancel := context.WithTimeout(ctx, 15*time.Minute)
 			defer cancel()
 			if backend == "coconut" {
-				return runCoconutDemo(ctx, workdir, bins)
+				o, reason := harness.FindCoconut(".")
+				if qemuBin != "" {
+					o.QEMU = qemuBin
+				}
+				if igvmFile != "" {
+					o.IGVM = igvmFile
+				}
+				if profile != "" {
+					o.Profile = qemu.Profile(profile)
+				}
+				if qemuBin != "" || igvmFile != "" || profile != "" {
+					o, reason = harness.CheckCoconut(o)
+				}
+				if reason != "" {
+					return fmt.Errorf("the coconut backend cannot run here: %s", reason)
+				}
+				return runCoconutDemo(ctx, workdir, bins, o)
 			}
-			return runDemo(ctx, workdir, bins, backend)
+			return runDemo(ctx, workdir, bins, backend, harness.QEMUOptions{Binary: qemuBin, Profile: qemu.Profile(profile)})
 		},
 	}
 	cmd.Flags().StringVar(&backend, "backend", "process", "process (embedded), qemu, or coconut (upstream's real SVSM; see README)")
 	cmd.Flags().StringVar(&workdir, "workdir", "demo-work", "scratch directory (wiped first)")
 	cmd.Flags().StringVar(&binDir, "bin-dir", "", "where the server binaries are (default: beside svsm-e2e, then PATH)")
+	cmd.Flags().StringVar(&qemuBin, "qemu", "", "QEMU binary (qemu and coconut backends)")
+	cmd.Flags().StringVar(&profile, "profile", "", "machine profile: microvm or q35 (qemu backend), coconut-nocc or coconut (coconut backend)")
+	cmd.Flags().StringVar(&igvmFile, "igvm", "", "coconut backend: the COCONUT-SVSM IGVM to boot")
 	return cmd
 }
 
@@ -85,13 +105,9 @@ func (d *demo) table(workdir string) {
 
 // runCoconutDemo boots upstream's real COCONUT-SVSM against our host side: it attests for
 // real, then a clone without a boot request is refused.
-func runCoconutDemo(ctx context.Context, workdir string, bins harness.Binaries) error {
+func runCoconutDemo(ctx context.Context, workdir string, bins harness.Binaries, o harness.CoconutOptions) error {
 	d := &demo{}
-	fmt.Printf("svsm-e2e demo — backend: coconut (upstream's COCONUT-SVSM under an IGVM-capable QEMU, TCG)\n\n")
-	o, reason := harness.FindCoconut(".")
-	if reason != "" {
-		return fmt.Errorf("the coconut backend cannot run here: %s", reason)
-	}
+	fmt.Printf("svsm-e2e demo — backend: coconut (upstream's COCONUT-SVSM, profile %s)\n\n", o.Profile)
 	fmt.Printf("QEMU %s\nIGVM %s\n\n", o.QEMU, o.IGVM)
 	var s *harness.Stack
 	defer func() {
@@ -161,14 +177,15 @@ func runCoconutDemo(ctx context.Context, workdir string, bins harness.Binaries) 
 	})
 }
 
-func runDemo(ctx context.Context, workdir string, bins harness.Binaries, backendName string) (err error) {
+func runDemo(ctx context.Context, workdir string, bins harness.Binaries, backendName string, qo harness.QEMUOptions) (err error) {
 	d := &demo{}
 	fmt.Printf("svsm-e2e demo — backend: %s (every box is a real process on a real socket)\n\n", backendName)
 	var backend harness.Backend
 	bootActions := []string{"nv-increment"}
 	if backendName == "qemu" {
 		if err := d.step("host", "probe QEMU and build the guest image (kernel from apt, initramfs with svsm-guest as /init)", func() (string, error) {
-			q, err := harness.NewQEMUBackend(ctx, harness.QEMUOptions{Guest: bins.Guest})
+			qo.Guest = bins.Guest
+			q, err := harness.NewQEMUBackend(ctx, qo)
 			if err != nil {
 				return "", err
 			}

@@ -15,6 +15,7 @@ import (
 	"github.com/svsm-e2e/svsm-e2e/harness"
 	"github.com/svsm-e2e/svsm-e2e/internal/daemon"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
+	"github.com/svsm-e2e/svsm-e2e/qemu"
 	"github.com/svsm-e2e/svsm-e2e/verifier"
 )
 
@@ -39,7 +40,7 @@ func decodeHexFlag(name, s string, size int) ([]byte, error) {
 }
 
 func hostUpCmd() *cobra.Command {
-	var workdir, vm, measurement, hostData, secretMode, binDir, igvmFile string
+	var workdir, vm, measurement, hostData, secretMode, binDir, igvmFile, qemuBin, profile string
 	cmd := &cobra.Command{
 		Use:   "up",
 		Short: "Start fakesnp, svsm-verifier and svsm-proxy; register the VM; prime one boot; write DIR/host.json",
@@ -107,6 +108,31 @@ state key, as upstream COCONUT-SVSM expects.`,
 			} {
 				fmt.Printf("  %-17s %s\n", kv[0], kv[1])
 			}
+			if profile != "" {
+				// The user's SVSM, wired to this host as launch_guest.sh would run it.
+				if igvmFile == "" {
+					return errors.New("--profile needs --igvm (the SVSM to launch)")
+				}
+				o := harness.CoconutOptions{QEMU: qemuBin, IGVM: igvmFile, Profile: qemu.Profile(profile)}
+				if o.QEMU == "" {
+					o.QEMU = qemu.DefaultBinary
+				}
+				if o.Profile != qemu.Coconut && o.Profile != qemu.CoconutNoCC {
+					return fmt.Errorf("--profile %q: want coconut (SEV-SNP host) or coconut-nocc", profile)
+				}
+				caps, err := qemu.Probe(ctx, o.QEMU)
+				if err != nil {
+					return err
+				}
+				if _, err := caps.Choose(o.Profile); err != nil {
+					fmt.Printf("  %-17s %v\n", "qemu (warning)", err)
+				}
+				args, err := harness.CoconutLaunch(o, filepath.Join(workdir, "com1.log"), hj.ProxySocket, hj.SNPSocket).Args()
+				if err != nil {
+					return err
+				}
+				fmt.Printf("  %-17s %s %s\n", "launch", caps.Binary, strings.Join(args, " "))
+			}
 			fmt.Println("svsm-e2e host: running until SIGINT/SIGTERM")
 			select {
 			case <-ctx.Done():
@@ -128,6 +154,8 @@ state key, as upstream COCONUT-SVSM expects.`,
 	f.StringVar(&hostData, "host-data", "", "HOST_DATA, 64 hex digits (default: SHA-256 of the VM name)")
 	f.StringVar(&secretMode, "secret-mode", protocol.SecretModeV1, "raw (32-byte state key) or v1 (with freshness data)")
 	f.StringVar(&binDir, "bin-dir", "", "where fakesnp, svsm-verifier and svsm-proxy are (default: beside svsm-e2e, then PATH)")
+	f.StringVar(&profile, "profile", "", "with --igvm: print the QEMU command that attaches that SVSM (coconut: SEV-SNP host; coconut-nocc: TCG, report on COM4)")
+	f.StringVar(&qemuBin, "qemu", "", "QEMU binary for --profile (default qemu-system-x86_64)")
 	_ = cmd.MarkFlagRequired("workdir")
 	return cmd
 }
