@@ -36,8 +36,13 @@ const productName = "Milan-B0"
 type CA struct {
 	arkKey  *rsa.PrivateKey
 	askKey  *rsa.PrivateKey
+	asvkKey *rsa.PrivateKey
 	Ark     *x509.Certificate
 	Ask     *x509.Certificate
+	// Asvk signs VLEKs (versioned loaded endorsement keys, which a cloud provider loads into
+	// its platforms instead of using per-chip VCEKs).
+	Asvk    *x509.Certificate
+	vleks   map[kds.TCBVersion]*vcek
 	mu      sync.Mutex
 	vceks   map[vcekID]*vcek
 	created time.Time
@@ -77,7 +82,7 @@ func LoadOrCreateCA(opts CAOptions) (*CA, error) {
 	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("ca dir: %w", err)
 	}
-	ca := &CA{vceks: map[vcekID]*vcek{}}
+	ca := &CA{vceks: map[vcekID]*vcek{}, vleks: map[kds.TCBVersion]*vcek{}}
 	arkKeyPath := filepath.Join(opts.Dir, "ark.key")
 	if _, err := os.Stat(arkKeyPath); errors.Is(err, os.ErrNotExist) {
 		if err := createCA(opts); err != nil {
@@ -98,7 +103,92 @@ func LoadOrCreateCA(opts CAOptions) (*CA, error) {
 		return nil, err
 	}
 	ca.created = ca.Ark.NotBefore
+	if _, err := os.Stat(filepath.Join(opts.Dir, "asvk.key")); errors.Is(err, os.ErrNotExist) {
+		if err := ca.createASVK(opts); err != nil {
+			return nil, err
+		}
+	}
+	if ca.asvkKey, err = readPEM(filepath.Join(opts.Dir, "asvk.key"), x509.ParsePKCS1PrivateKey); err != nil {
+		return nil, err
+	}
+	if ca.Asvk, err = readPEM(filepath.Join(opts.Dir, "asvk.crt"), x509.ParseCertificate); err != nil {
+		return nil, err
+	}
 	return ca, nil
+}
+
+// createASVK adds the VLEK signing key to a CA (also to one made before VLEKs existed).
+func (ca *CA) createASVK(opts CAOptions) error {
+	key, err := rsa.GenerateKey(rand.Reader, opts.RSABits)
+	if err != nil {
+		return fmt.Errorf("generate ASVK key: %w", err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(3), Subject: amdName("SEV-VLEK-" + ProductLine),
+		NotBefore: ca.Ark.NotBefore, NotAfter: ca.Ark.NotAfter, SignatureAlgorithm: x509.SHA384WithRSAPSS,
+		KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign, BasicConstraintsValid: true, IsCA: true,
+		CRLDistributionPoints: []string{fmt.Sprintf("https://kdsintf.amd.com/vlek/v1/%s/crl", ProductLine)},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Ark, &key.PublicKey, ca.arkKey)
+	if err != nil {
+		return fmt.Errorf("sign ASVK: %w", err)
+	}
+	if err := atomicfile.Write(filepath.Join(opts.Dir, "asvk.crt"), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		return err
+	}
+	return atomicfile.Write(filepath.Join(opts.Dir, "asvk.key"), pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(key)}), 0o600)
+}
+
+// VLEKChainPEM is the KDS /vlek/v1/{product}/cert_chain body: ASVK then ARK.
+func (ca *CA) VLEKChainPEM() []byte {
+	out := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Asvk.Raw})
+	return append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Ark.Raw})...)
+}
+
+// RootsPEM is every certificate a verifier of this fake AMD needs: ASK, ASVK, ARK.
+func (ca *CA) RootsPEM() []byte {
+	var out []byte
+	for _, c := range []*x509.Certificate{ca.Ask, ca.Asvk, ca.Ark} {
+		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+	}
+	return out
+}
+
+// VLEKCSPID is the cloud service provider the fake VLEKs name (their CSP_ID extension).
+const VLEKCSPID = "svsm-e2e-fake-csp"
+
+// VLEK returns the loaded endorsement key for a TCB: derived from the ASVK key and the TCB
+// (one per provider and TCB, not per chip), signed by the ASVK, with CSP_ID and no HWID.
+func (ca *CA) VLEK(tcb kds.TCBVersion) (*ecdsa.PrivateKey, *x509.Certificate, error) {
+	ca.mu.Lock()
+	defer ca.mu.Unlock()
+	if v, ok := ca.vleks[tcb]; ok {
+		return v.key, v.cert, nil
+	}
+	seed := sha512.Sum384(ca.asvkKey.D.Bytes())
+	key, err := deriveP384(seed[:], uint64(tcb)|1<<63)
+	if err != nil {
+		return nil, nil, err
+	}
+	parts := kds.DecomposeTCBVersion(tcb)
+	exts := vcekExtensions(parts, nil)
+	csp, _ := asn1.MarshalWithParams(VLEKCSPID, "ia5")
+	exts = append(exts[:len(exts)-1], pkix.Extension{Id: kds.OidCspID, Value: csp}) // no HWID
+	tmpl := &x509.Certificate{
+		Version: 3, SerialNumber: big.NewInt(0), Subject: amdName("SEV-VLEK"),
+		NotBefore: ca.created, NotAfter: ca.created.AddDate(7, 0, 0), SignatureAlgorithm: x509.SHA384WithRSAPSS,
+		ExtraExtensions: exts,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Asvk, &key.PublicKey, ca.asvkKey)
+	if err != nil {
+		return nil, nil, fmt.Errorf("sign VLEK: %w", err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, nil, err
+	}
+	ca.vleks[tcb] = &vcek{key, cert}
+	return key, cert, nil
 }
 
 func createCA(opts CAOptions) error {

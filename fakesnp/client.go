@@ -1,14 +1,16 @@
 package fakesnp
 
 import (
-	"github.com/svsm-e2e/svsm-e2e/internal/jsonhttp"
-
 	"context"
+	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/url"
 	"time"
+
+	"github.com/svsm-e2e/svsm-e2e/internal/jsonhttp"
 )
 
 // Client drives a fakesnp's admin API (the host's side: what to launch, which faults).
@@ -79,4 +81,75 @@ func (c *Client) CertChain(ctx context.Context) ([]byte, error) {
 // SetCRL chooses what the served CRL revokes.
 func (c *Client) SetCRL(ctx context.Context, set CRLSettings) error {
 	return c.do(ctx, http.MethodPut, "/admin/v1/crl", set, nil)
+}
+
+// LaunchCerts returns the extended-report certificate table of a launch (binary).
+func (c *Client) LaunchCerts(ctx context.Context, name string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.BaseURL+"/admin/v1/launches/"+url.PathEscape(name)+"/certs", nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+c.Token)
+	hc := c.HTTP
+	if hc == nil {
+		hc = &http.Client{Timeout: 30 * time.Second}
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("fakesnp: %w", err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return nil, fmt.Errorf("fakesnp: %w", err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("fakesnp: launch certs: HTTP %d: %s", resp.StatusCode, b)
+	}
+	return b, nil
+}
+
+// RootsPEM returns every certificate a verifier of this fakesnp needs (ASK, ASVK, ARK), from
+// the KDS endpoints.
+func (c *Client) RootsPEM(ctx context.Context) ([]byte, error) {
+	vcek, err := c.CertChain(ctx)
+	if err != nil {
+		return nil, err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.BaseURL+"/vlek/v1/"+ProductLine+"/cert_chain", nil)
+	if err != nil {
+		return nil, err
+	}
+	hc := c.HTTP
+	if hc == nil {
+		hc = &http.Client{Timeout: 30 * time.Second}
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("fakesnp: %w", err)
+	}
+	defer resp.Body.Close()
+	vlek, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil || resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("fakesnp: VLEK chain: HTTP %d %v", resp.StatusCode, err)
+	}
+	// ASK (first of the VCEK chain), ASVK (first of the VLEK chain), ARK.
+	askPEM, arkPEM, ok := splitPEMPair(vcek)
+	asvkPEM, _, ok2 := splitPEMPair(vlek)
+	if !ok || !ok2 {
+		return nil, errors.New("fakesnp: a cert_chain is not two PEM certificates")
+	}
+	return append(append(askPEM, asvkPEM...), arkPEM...), nil
+}
+
+func splitPEMPair(b []byte) (first, second []byte, ok bool) {
+	p1, rest := pem.Decode(b)
+	if p1 == nil {
+		return nil, nil, false
+	}
+	p2, _ := pem.Decode(rest)
+	if p2 == nil {
+		return nil, nil, false
+	}
+	return pem.EncodeToMemory(p1), pem.EncodeToMemory(p2), true
 }

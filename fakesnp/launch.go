@@ -63,6 +63,9 @@ type LaunchSpec struct {
 	GuestSVN uint32        `json:"guest_svn,omitempty"`
 	// Socket is where the §4 channel listens; empty means <state>/launches/<name>.sock.
 	Socket string `json:"socket,omitempty"`
+	// VLEK: the platform has a VLEK loaded (a cloud provider's): reports are signed with it
+	// (SIGNER_INFO.SIGNING_KEY = 1) unless the guest asks for the VCEK (key selector 1).
+	VLEK   bool   `json:"vlek,omitempty"`
 	Faults Faults `json:"faults"`
 }
 
@@ -149,8 +152,9 @@ func (s *Server) buildReport(l *launch, req *protocol.ReportRequest) ([]byte, ui
 	if l.spec.Faults.FirmwareStatus != 0 {
 		return nil, l.spec.Faults.FirmwareStatus
 	}
-	if req.VMPL > 3 || req.KeySelector > 1 {
-		// KeySelector 2 is VLEK: our simulated platform has none provisioned.
+	useVLEK := l.spec.VLEK && req.KeySelector != 1
+	if req.VMPL > 3 || req.KeySelector > 2 || (req.KeySelector == 2 && !l.spec.VLEK) {
+		// KeySelector 2 asks for the VLEK: only a launch whose platform has one loaded.
 		return nil, protocol.StatusInvalidParams
 	}
 	tcbParts := *l.spec.TCB
@@ -191,8 +195,12 @@ func (s *Server) buildReport(l *launch, req *protocol.ReportRequest) ([]byte, ui
 		signer = other
 	}
 	key, _, err := s.ca.VCEK(signer, tcb)
+	if useVLEK {
+		binary.LittleEndian.PutUint32(r[0x48:], uint32(abi.VlekReportSigner)<<2) // SIGNER_INFO.SIGNING_KEY
+		key, _, err = s.ca.VLEK(tcb)
+	}
 	if err != nil {
-		s.log.Error("vcek", "err", err)
+		s.log.Error("endorsement key", "err", err)
 		return nil, protocol.StatusInvalidParams
 	}
 	R, S, err := signReport(key, abi.SignedComponent(r))

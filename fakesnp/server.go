@@ -25,7 +25,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/google/go-sev-guest/abi"
 	"github.com/google/go-sev-guest/kds"
+	"github.com/google/uuid"
 
 	"github.com/svsm-e2e/svsm-e2e/internal/admintoken"
 	"github.com/svsm-e2e/svsm-e2e/internal/atomicfile"
@@ -261,6 +263,48 @@ func removeSocket(path string) error {
 	return os.Remove(path)
 }
 
+// LaunchCerts is the certificate table the host would configure for a launch's extended
+// reports (SNP_SET_EXT_CONFIG): the endorsement key that signs its reports at the current TCB
+// (its VLEK, or its chip's VCEK), the ASVK or ASK, and the ARK, indexed by AMD's GUIDs.
+func (s *Server) LaunchCerts(name string) ([]byte, error) {
+	s.mu.Lock()
+	l, ok := s.launches[name]
+	var spec LaunchSpec
+	var chip *Chip
+	if ok {
+		spec, chip = l.spec, l.chip
+	}
+	s.mu.Unlock()
+	if !ok {
+		return nil, fmt.Errorf("launch %s: %w", name, os.ErrNotExist)
+	}
+	tcb, err := kds.ComposeTCBParts(*spec.TCB)
+	if err != nil {
+		return nil, err
+	}
+	table := &abi.CertTable{}
+	add := func(guid string, der []byte) {
+		table.Entries = append(table.Entries, abi.CertTableEntry{GUID: uuid.MustParse(guid), RawCert: der})
+	}
+	if spec.VLEK {
+		_, cert, err := s.ca.VLEK(tcb)
+		if err != nil {
+			return nil, err
+		}
+		add(abi.VlekGUID, cert.Raw)
+		add(abi.AskGUID, s.ca.Asvk.Raw)
+	} else {
+		_, cert, err := s.ca.VCEK(chip, tcb)
+		if err != nil {
+			return nil, err
+		}
+		add(abi.VcekGUID, cert.Raw)
+		add(abi.AskGUID, s.ca.Ask.Raw)
+	}
+	add(abi.ArkGUID, s.ca.Ark.Raw)
+	return table.Marshal(), nil
+}
+
 // RemoveLaunch closes a launch's channel and forgets it.
 func (s *Server) RemoveLaunch(name string) error {
 	s.mu.Lock()
@@ -412,6 +456,14 @@ func (s *Server) serveConn(l *launch, c net.Conn) {
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /vcek/v1/{product}/{hwid}", s.handleKDS)
+	mux.HandleFunc("GET /vlek/v1/{product}/cert_chain", func(w http.ResponseWriter, r *http.Request) {
+		if p := r.PathValue("product"); p != ProductLine {
+			http.Error(w, fmt.Sprintf("unknown product %q", p), http.StatusNotFound)
+			return
+		}
+		w.Header().Set("Content-Type", "application/x-pem-file")
+		w.Write(s.ca.VLEKChainPEM())
+	})
 	admin := http.NewServeMux()
 	mux.Handle("/admin/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !admintoken.Valid(r, s.token) {
@@ -469,6 +521,15 @@ func (s *Server) Handler() http.Handler {
 			return
 		}
 		w.WriteHeader(http.StatusNoContent)
+	})
+	admin.HandleFunc("GET /admin/v1/launches/{name}/certs", func(w http.ResponseWriter, r *http.Request) {
+		certs, err := s.LaunchCerts(r.PathValue("name"))
+		if err != nil {
+			httpError(w, http.StatusNotFound, err)
+			return
+		}
+		w.Header().Set("Content-Type", "application/octet-stream")
+		w.Write(certs)
 	})
 	admin.HandleFunc("PUT /admin/v1/crl", func(w http.ResponseWriter, r *http.Request) {
 		var c CRLSettings

@@ -6,6 +6,7 @@ import (
 	"crypto/ecdh"
 	"crypto/rand"
 	"encoding/base64"
+	"encoding/hex"
 	"io"
 	"net/http"
 	"os"
@@ -172,5 +173,68 @@ func TestVerifyReportCommand(t *testing.T) {
 	out, code := run("--report", good, "--certs", table, "--roots", roots, "--kds-url", h.FakeSNPURL, "--check-crl")
 	if code != 1 || !strings.Contains(out, "FAIL chain") || !strings.Contains(out, "revoked") {
 		t.Fatalf("revoked ASK: exit %d\n%s", code, out)
+	}
+}
+
+// TestVLEKSignedReportVerifies: a platform with a cloud provider's VLEK loaded signs with it
+// (SIGNER_INFO.SIGNING_KEY = VLEK); the VLEK comes to the verifier in certs-buf (the KDS never
+// serves VLEKs), chains to the ASVK among the trusted roots, and the report verifies — with
+// the verifier and with verify-report offline. Without certs-buf it is refused.
+func TestVLEKSignedReportVerifies(t *testing.T) {
+	h := startHost(t)
+	ctx := context.Background()
+	hj, err := h.AddVM(ctx, harness.VMSetup{Name: "vlek", Prime: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Relaunch the same VM on a platform with a VLEK loaded.
+	hd, _ := hex.DecodeString(hj.HostData)
+	meas, _ := hex.DecodeString(hj.Measurement)
+	if err := h.SNP.RemoveLaunch(ctx, hj.Launch); err != nil {
+		t.Fatal(err)
+	}
+	info, err := h.SNP.AddLaunch(ctx, fakesnp.LaunchSpec{Name: hj.Launch, Measurement: meas, HostData: hd, VLEK: true, Socket: filepath.Base(hj.SNPSocket)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hj.SNPSocket = info.Socket
+	certs, err := h.SNP.LaunchCerts(ctx, hj.Launch)
+	if err != nil {
+		t.Fatal(err)
+	}
+	attestWith := func(withCerts bool) (int, string) {
+		s := newKBSSession(t, h.VerifierURL)
+		priv, _ := ecdh.P521().GenerateKey(rand.Reader)
+		k := protocol.ECPublicKeyFromECDH(priv.PublicKey())
+		n, _ := base64.StdEncoding.DecodeString(s.nonce)
+		rd, _ := protocol.ReportData(protocol.DefaultParams(), k, n)
+		rep := report(t, hj, rd, 0)
+		if pr, _ := abi.ReportToProto(rep); pr.GetSignerInfo()&(7<<2) != uint32(abi.VlekReportSigner)<<2 {
+			t.Fatalf("report signer info %#x: not VLEK-signed", pr.GetSignerInfo())
+		}
+		body := attestBody(s.nonce, k, rep)
+		if withCerts {
+			cb := base64.StdEncoding.EncodeToString(certs)
+			body.TeeEvidence.PrimaryEvidence.CertsBuf = &cb
+		}
+		var pd protocol.ProblemDetails
+		code := s.post(protocol.KBSPathAttest, body, &pd)
+		return code, pd.Detail
+	}
+	if code, d := attestWith(true); code != 200 {
+		t.Fatalf("VLEK-signed report with certs-buf: HTTP %d %s", code, d)
+	}
+	if code, d := attestWith(false); code == 200 || !strings.Contains(d, "VLEK") {
+		t.Fatalf("VLEK-signed report without certs: HTTP %d %q, want a refusal naming the missing VLEK", code, d)
+	}
+	// Offline, from files.
+	dir := t.TempDir()
+	var rd [64]byte
+	rf, cf := filepath.Join(dir, "r.bin"), filepath.Join(dir, "c.bin")
+	_ = os.WriteFile(rf, report(t, hj, rd, 0), 0o600)
+	_ = os.WriteFile(cf, certs, 0o600)
+	out, err := exec.Command(bins.Verifier, "verify-report", "--report", rf, "--certs", cf, "--roots", h.Path("fakesnp-roots.pem"), "--offline").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "ok   signer          VLEK") || !strings.Contains(string(out), "ok   chain") {
+		t.Fatalf("verify-report of a VLEK-signed report: %v\n%s", err, out)
 	}
 }

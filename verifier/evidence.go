@@ -3,7 +3,9 @@ package verifier
 import (
 	"bytes"
 	"context"
+	"crypto/x509"
 	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -199,9 +201,17 @@ func (c *checker) verifyReport(ctx context.Context, raw, certs []byte) (*spb.Att
 		}
 	}
 	if rs := c.roots[c.productLine(report)]; len(rs) > 0 {
-		// Pre-fill the configured ARK/ASK so only the VCEK is fetched.
-		att.CertificateChain.ArkCert = rs[0].ProductCerts.Ark.Raw
-		att.CertificateChain.AskCert = rs[0].ProductCerts.Ask.Raw
+		// Pre-fill the configured roots so only the endorsement key is fetched.
+		// The chain's ASK slot holds the AS[V]K of the report's signer (go-sev-guest's use).
+		pc := rs[0].ProductCerts
+		att.CertificateChain.ArkCert = pc.Ark.Raw
+		ica := pc.Ask
+		if info, err := abi.ParseSignerInfo(report.GetSignerInfo()); err == nil && info.SigningKey == abi.VlekReportSigner {
+			ica = pc.Asvk
+		}
+		if ica != nil {
+			att.CertificateChain.AskCert = ica.Raw
+		}
 	}
 	if info, err := abi.ParseSignerInfo(report.GetSignerInfo()); err == nil && info.SigningKey == abi.VcekReportSigner && len(att.CertificateChain.VcekCert) == 0 {
 		// Fetch the VCEK ourselves, so that an unreachable KDS is told apart from a bad report.
@@ -254,25 +264,45 @@ func (c *checker) productLine(r *spb.Report) string {
 	return "Milan"
 }
 
-// parseTrustedRoots reads a KDS cert_chain (ASK then ARK, PEM) and names its product line from
-// the ARK's common name ("ARK-<product>"), as AMD's chains do.
-func parseTrustedRoots(pem []byte) (*trust.AMDRootCerts, string, error) {
-	probe := trust.AMDRootCertsProduct("Milan")
-	if err := probe.FromKDSCertBytes(pem); err != nil {
-		return nil, "", err
+// parseTrustedRoots reads the roots to trust: PEM certificates, a KDS cert_chain (ASK then
+// ARK) optionally with the VLEK chain's ASVK, in any order. Each is known by its common name,
+// as AMD names them: "ARK-<product>", "SEV-<product>" (ASK), "SEV-VLEK-<product>" (ASVK); the
+// product line comes from the ARK.
+func parseTrustedRoots(data []byte) (*trust.AMDRootCerts, string, error) {
+	pc := &trust.ProductCerts{}
+	for rest := data; ; {
+		var blk *pem.Block
+		blk, rest = pem.Decode(rest)
+		if blk == nil {
+			break
+		}
+		if blk.Type != "CERTIFICATE" {
+			return nil, "", fmt.Errorf("PEM block %q is not a certificate", blk.Type)
+		}
+		c, err := x509.ParseCertificate(blk.Bytes)
+		if err != nil {
+			return nil, "", err
+		}
+		switch cn := c.Subject.CommonName; {
+		case strings.HasPrefix(cn, "ARK-"):
+			pc.Ark = c
+		case strings.HasPrefix(cn, "SEV-VLEK-"):
+			pc.Asvk = c
+		case strings.HasPrefix(cn, "SEV-"):
+			pc.Ask = c
+		default:
+			return nil, "", fmt.Errorf("certificate %q is neither an ARK, an ASK nor an ASVK", cn)
+		}
 	}
-	if probe.ProductCerts.Ark == nil || probe.ProductCerts.Ask == nil {
-		return nil, "", errors.New("need ASK and ARK certificates")
+	if pc.Ark == nil || (pc.Ask == nil && pc.Asvk == nil) {
+		return nil, "", errors.New("need the ARK and an ASK or ASVK")
 	}
-	cn := probe.ProductCerts.Ark.Subject.CommonName
-	product, ok := strings.CutPrefix(cn, "ARK-")
-	if !ok || product == "" {
-		return nil, "", fmt.Errorf("ARK common name %q does not name a product line (want ARK-<product>)", cn)
+	product := strings.TrimPrefix(pc.Ark.Subject.CommonName, "ARK-")
+	if product == "" {
+		return nil, "", errors.New("the ARK's common name does not name a product line")
 	}
 	root := trust.AMDRootCertsProduct(product)
-	if err := root.FromKDSCertBytes(pem); err != nil {
-		return nil, "", err
-	}
+	root.ProductCerts = pc
 	return root, product, nil
 }
 

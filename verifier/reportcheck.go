@@ -97,7 +97,15 @@ func CheckReport(ctx context.Context, o ReportCheckOptions) []CheckResult {
 	info("product", "%s", product)
 
 	// The endorsement key: from the certificate table, else the KDS.
-	chain := &spb.CertificateChain{AskCert: roots.ProductCerts.Ask.Raw, ArkCert: roots.ProductCerts.Ark.Raw, Extras: map[string][]byte{}}
+	ica := roots.ProductCerts.Ask
+	if signer.SigningKey == abi.VlekReportSigner {
+		ica = roots.ProductCerts.Asvk
+	}
+	if ica == nil {
+		add("roots", false, "the roots hold no %s intermediate (ASK for VCEK, ASVK for VLEK)", signer.SigningKey)
+		return out
+	}
+	chain := &spb.CertificateChain{AskCert: ica.Raw, ArkCert: roots.ProductCerts.Ark.Raw, Extras: map[string][]byte{}}
 	var ek []byte
 	switch {
 	case len(o.Certs) > 0:
