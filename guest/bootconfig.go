@@ -20,6 +20,7 @@ type BootConfig struct {
 	Recovery     []byte            `json:"recovery,omitempty"`
 	DataDisk     bool              `json:"data_disk,omitempty"`
 	CrashAfter   string            `json:"crash_after,omitempty"`
+	CrashAt      string            `json:"crash_at,omitempty"`
 	Control      bool              `json:"control,omitempty"` // a control channel port is wired
 	AttestMillis int64             `json:"attest_timeout_ms,omitempty"`
 }

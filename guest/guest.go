@@ -18,6 +18,7 @@ import (
 
 	"github.com/svsm-e2e/svsm-e2e/firmware"
 	"github.com/svsm-e2e/svsm-e2e/guestos"
+	"github.com/svsm-e2e/svsm-e2e/internal/crashpoint"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 	"github.com/svsm-e2e/svsm-e2e/svsm"
 	"github.com/svsm-e2e/svsm-e2e/svsm/attest"
@@ -51,6 +52,9 @@ type Config struct {
 	// line ("nv-increment", "uefi-set=FILE", ..., "poweroff" or "reboot" to end), reporting
 	// each as an "action" event carrying the command's sequence number.
 	Control io.Reader
+	// CrashAt cuts the power at a registered write point (internal/crashpoint):
+	// NAME[#n][:torn].
+	CrashAt string
 	// CrashAfter is a fault-injection point for crash-window tests: right after printing
 	// the first event that matches "EVENT" or "EVENT=WHY" (matching the "why" or "action"
 	// field), the process kills itself with SIGKILL, as a power cut would.
@@ -81,6 +85,16 @@ type emitter struct {
 	crashAfter string
 }
 
+// powerCut ends the boot the way a power cut would: no flush, no clean-up.
+func powerCut() {
+	if os.Getpid() == 1 {
+		// A VM's init cannot kill itself: reset the machine without syncing instead.
+		_ = syscall.Reboot(syscall.LINUX_REBOOT_CMD_RESTART)
+	}
+	_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
+	select {} // SIGKILL cannot be caught; never continue past a crash point
+}
+
 func (e *emitter) Emit(ev protocol.Event) {
 	line, err := ev.Line()
 	if err != nil {
@@ -93,12 +107,7 @@ func (e *emitter) Emit(ev protocol.Event) {
 		if f, ok := e.out.(interface{ Sync() error }); ok {
 			_ = f.Sync()
 		}
-		if os.Getpid() == 1 {
-			// A VM's init cannot kill itself: reset the machine without syncing instead.
-			_ = syscall.Reboot(syscall.LINUX_REBOOT_CMD_RESTART)
-		}
-		_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
-		select {} // SIGKILL cannot be caught; never continue past a crash point
+		powerCut()
 	}
 }
 
@@ -120,7 +129,18 @@ func (e *emitter) layer(layer string) func(event, reason string, fields map[stri
 // and the error is a *Failure.
 func Run(ctx context.Context, cfg Config) (Outcome, error) {
 	em := &emitter{out: cfg.Out, crashAfter: cfg.CrashAfter}
-	out, err := run(ctx, cfg, em)
+	crash, err := crashpoint.New(cfg.CrashAt, func() {
+		em.Emit(protocol.Event{Event: "power-cut", Layer: protocol.LayerHost, Fields: map[string]any{"crash_at": cfg.CrashAt}})
+		if f, ok := cfg.Out.(interface{ Sync() error }); ok {
+			_ = f.Sync()
+		}
+		powerCut()
+	})
+	if err != nil {
+		em.Emit(protocol.Event{Event: "failed", Layer: protocol.LayerHost, Reason: "bad-crash-point", Fields: map[string]any{"detail": err.Error()}})
+		return "", &Failure{Layer: protocol.LayerHost, Reason: "bad-crash-point", Err: err}
+	}
+	out, err := run(ctx, cfg, em, crash)
 	if err != nil {
 		var f *Failure
 		if !errors.As(err, &f) {
@@ -132,7 +152,7 @@ func Run(ctx context.Context, cfg Config) (Outcome, error) {
 	return out, nil
 }
 
-func run(ctx context.Context, cfg Config, em *emitter) (Outcome, error) {
+func run(ctx context.Context, cfg Config, em *emitter, crash *crashpoint.Injector) (Outcome, error) {
 	svsmFail := func(err error) error {
 		var se *svsm.Error
 		if errors.As(err, &se) {
@@ -175,7 +195,7 @@ func run(ctx context.Context, cfg Config, em *emitter) (Outcome, error) {
 	bootCtx, cancel := context.WithTimeout(ctx, 4*timeout)
 	defer cancel()
 	s, err := svsm.Boot(bootCtx, svsm.Config{
-		Proxy: dial, Quote: attest.NewChannelQuoteProvider(snp, timeout), StateDisk: disk, Events: em, ExchangeTimeout: timeout,
+		Proxy: dial, Quote: attest.NewChannelQuoteProvider(snp, timeout), StateDisk: disk, Events: em, ExchangeTimeout: timeout, Crash: crash,
 	})
 	if err != nil {
 		return "", svsmFail(err)
@@ -225,7 +245,7 @@ func run(ctx context.Context, cfg Config, em *emitter) (Outcome, error) {
 	var fde *guestos.FDE
 	if cfg.DataDisk != "" {
 		fde = &guestos.FDE{TPM: tpm, Device: cfg.DataDisk, Recovery: cfg.RecoveryPassphrase,
-			Open: cfg.OpenLUKS, MapperName: "svsm-data", Emit: osEmit}
+			Open: cfg.OpenLUKS, MapperName: "svsm-data", Emit: osEmit, Crash: crash}
 		if _, err := fde.Unlock(ctx); err != nil {
 			if h := s.Halted(); h != nil {
 				return "", svsmFail(h)

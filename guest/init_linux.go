@@ -79,7 +79,7 @@ func initAndRun(out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	cfg := Config{StateDisk: state, Out: out, Kernel: "/init", OpenLUKS: true, CrashAfter: bc.CrashAfter,
+	cfg := Config{StateDisk: state, Out: out, Kernel: "/init", OpenLUKS: true, CrashAfter: bc.CrashAfter, CrashAt: bc.CrashAt,
 		RecoveryPassphrase: bc.Recovery, AttestTimeout: time.Duration(bc.AttestMillis) * time.Millisecond}
 	if b, err := os.ReadFile("/proc/cmdline"); err == nil {
 		cfg.Cmdline = strings.TrimSpace(string(b))

@@ -4,6 +4,8 @@
 package guestos
 
 import (
+	"github.com/svsm-e2e/svsm-e2e/internal/crashpoint"
+
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -60,6 +62,8 @@ type FDE struct {
 	Open       bool
 	MapperName string
 	Emit       func(event, reason string, fields map[string]any)
+	// Crash marks each step of a (re-)seal at its registered crash point.
+	Crash *crashpoint.Injector
 
 	unlockedWith []byte // the passphrase that opened the disk this boot
 }
@@ -158,6 +162,7 @@ func (f *FDE) enrollWith(ctx context.Context, auth []byte, opts client.SealOpts,
 	if err != nil {
 		return nil, err
 	}
+	f.Crash.At("guest/luks/add-keyslot/done")
 	tok := Token{Type: TokenType, Keyslots: []string{fmt.Sprint(slot)}, PCRs: PolicyPCRs, Bank: "sha256", Blob: blob}
 	j, err := json.Marshal(tok)
 	if err != nil {
@@ -166,6 +171,7 @@ func (f *FDE) enrollWith(ctx context.Context, auth []byte, opts client.SealOpts,
 	if err := f.Cryptsetup.ImportToken(ctx, f.Device, tokenID, j); err != nil {
 		return nil, err
 	}
+	f.Crash.At("guest/luks/import-token/done")
 	f.Emit(event, "", map[string]any{"keyslot": slot, "pcrs": PolicyPCRs})
 	return pass, nil
 }
@@ -191,6 +197,7 @@ func (f *FDE) Reseal(ctx context.Context) error {
 			if err := f.Cryptsetup.KillSlot(ctx, f.Device, n, f.Recovery); err != nil {
 				return fmt.Errorf("remove old TPM keyslot %d: %w", n, err)
 			}
+			f.Crash.At("guest/luks/kill-old-keyslot/done")
 		}
 	}
 	return nil
@@ -233,6 +240,7 @@ func (f *FDE) PrepareUpdate(ctx context.Context, predicted map[int][]byte) error
 			if err := f.Cryptsetup.KillSlot(ctx, f.Device, n, pass); err != nil {
 				return fmt.Errorf("remove old TPM keyslot %d: %w", n, err)
 			}
+			f.Crash.At("guest/luks/kill-old-keyslot/done")
 		}
 	}
 	return nil

@@ -47,5 +47,5 @@ func Confirm(ctx context.Context, hj *protocol.HostJSON, confirmKey, bootID []by
 		return nil, fmt.Errorf("dial proxy: %w", err)
 	}
 	defer px.Close()
-	return attest.Confirm(ctx, px, keys, bootID, counter)
+	return attest.Confirm(ctx, px, keys, bootID, counter, nil)
 }

@@ -36,6 +36,8 @@ type GuestOptions struct {
 	ControlSocket string
 	// CrashAfter makes the guest cut its own power after an event (see svsm-guest --crash-after).
 	CrashAfter string
+	// CrashAt cuts the guest's power at a registered write point (svsm-guest --crash-at).
+	CrashAt string
 	// AttestTimeout bounds the guest's attestation and confirmations (its default when zero).
 	AttestTimeout time.Duration
 	// OnEvent, if set, sees each event as the guest prints it, while the guest waits for
@@ -254,6 +256,9 @@ func StartGuest(ctx context.Context, bin string, o GuestOptions) (*GuestProcess,
 	}
 	if len(o.Actions) > 0 {
 		args = append(args, "--then", strings.Join(o.Actions, ","))
+	}
+	if o.CrashAt != "" {
+		args = append(args, "--crash-at", o.CrashAt)
 	}
 	if o.CrashAfter != "" {
 		args = append(args, "--crash-after", o.CrashAfter)

@@ -135,7 +135,7 @@ func (b *QEMUBackend) Start(ctx context.Context, vm *VM, o GuestOptions) (Instan
 	if err != nil {
 		return nil, err
 	}
-	bc := &guest.BootConfig{CrashAfter: o.CrashAfter, AttestMillis: o.AttestTimeout.Milliseconds(), DataDisk: o.DataDisk != "",
+	bc := &guest.BootConfig{CrashAfter: o.CrashAfter, CrashAt: o.CrashAt, AttestMillis: o.AttestTimeout.Milliseconds(), DataDisk: o.DataDisk != "",
 		Files: map[string][]byte{}, Control: o.ControlSocket != ""}
 	if o.RecoveryFile != "" {
 		if bc.Recovery, err = os.ReadFile(o.RecoveryFile); err != nil {

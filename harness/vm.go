@@ -154,7 +154,9 @@ type BootOptions struct {
 	// Running.Command until "poweroff" or "reboot".
 	Control bool
 	// CrashAfter cuts the guest's power right after an event (see GuestOptions).
-	CrashAfter    string
+	CrashAfter string
+	// CrashAt cuts the guest's power at a registered write point (see GuestOptions).
+	CrashAt       string
 	AttestTimeout time.Duration
 }
 
@@ -195,7 +197,7 @@ func (v *VM) Start(ctx context.Context, o BootOptions) (*Running, error) {
 	}
 	g := GuestOptions{HostJSON: v.HostJSON, StateDisk: v.StateDisk, DataDisk: v.DataDisk, RecoveryFile: v.RecoveryFile,
 		Kernel: launched.kernel, Initrd: launched.initrd, Cmdline: launched.cmdline, UEFITemplate: v.Template, Actions: o.Actions,
-		Console: console, Timeout: o.Timeout, OnEvent: o.OnEvent, CrashAfter: o.CrashAfter, AttestTimeout: o.AttestTimeout}
+		Console: console, Timeout: o.Timeout, OnEvent: o.OnEvent, CrashAfter: o.CrashAfter, CrashAt: o.CrashAt, AttestTimeout: o.AttestTimeout}
 	if o.NoRecovery {
 		g.RecoveryFile = ""
 	}

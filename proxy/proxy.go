@@ -21,6 +21,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/svsm-e2e/svsm-e2e/internal/crashpoint"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 )
 
@@ -40,7 +41,9 @@ type Options struct {
 	// closes after one session, as upstream aproxy does. Between sessions the connection may
 	// stay idle without limit; within a session every step is bounded.
 	Persistent bool
-	Logger     *slog.Logger
+	// Crash marks the answer frames at their registered crash points (fault injection).
+	Crash  *crashpoint.Injector
+	Logger *slog.Logger
 }
 
 // Stats counts what the proxy saw; the harness asserts on them.
@@ -151,6 +154,20 @@ func (c *conn) write(v any) error {
 	return protocol.WriteFrame(c.rw, b)
 }
 
+// writeAnswer writes an answer frame through the crash point name: a power cut there leaves
+// half the frame on the wire.
+func (c *conn) writeAnswer(name string, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	var frame bytes.Buffer
+	_ = protocol.WriteFrame(&frame, b)
+	_ = c.rw.SetWriteDeadline(time.Now().Add(c.p.opts.StepTimeout))
+	_, err = c.p.opts.Crash.Write(name, frame.Bytes(), 0, func(p []byte, _ int64) (int, error) { return c.rw.Write(p) })
+	return err
+}
+
 // ServeConn runs one guest connection to completion.
 func (p *Proxy) ServeConn(ctx context.Context, rw net.Conn) error {
 	for first := true; ; first = false {
@@ -233,7 +250,7 @@ func (c *conn) attest(ctx context.Context) error {
 		c.refuse()
 		return c.drain()
 	}
-	if err := c.write(resp); err != nil {
+	if err := c.writeAnswer("proxy/attest/mid-frame", resp); err != nil {
 		return fmt.Errorf("write attestation response: %w", err)
 	}
 	p.Stats.Attested.Add(1)
@@ -294,7 +311,7 @@ func (c *conn) confirm(ctx context.Context, req *protocol.ConfirmRequest) error 
 		b, _ := json.Marshal(protocol.UnauthenticatedAnswer(req, "proxy: verifier gave no answer: "+err.Error()))
 		resp = b
 	}
-	if err := c.write(resp); err != nil {
+	if err := c.writeAnswer("proxy/confirm/mid-frame", resp); err != nil {
 		return fmt.Errorf("write confirm response: %w", err)
 	}
 	c.p.log.Info("confirmation forwarded", "counter", req.Counter, "answer_bytes", len(resp))

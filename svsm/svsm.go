@@ -11,11 +11,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/google/go-sev-guest/client"
 
+	"github.com/svsm-e2e/svsm-e2e/internal/crashpoint"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 	"github.com/svsm-e2e/svsm-e2e/svsm/attest"
 	"github.com/svsm-e2e/svsm-e2e/svsm/statestore"
@@ -38,6 +40,27 @@ type Config struct {
 	// ExchangeTimeout bounds each exchange with the proxy: the attestation and every
 	// confirmation (60 s when zero). A confirmation without an answer in time fails closed.
 	ExchangeTimeout time.Duration
+	// Crash marks every durable write at its registered crash point (nil: none chosen; an
+	// unregistered point still panics).
+	Crash *crashpoint.Injector
+}
+
+// crashDevice routes the state store's writes through the current crash point, so a power
+// cut can land before, in the middle of (torn), or after a slot write.
+type crashDevice struct {
+	statestore.Device
+	in    *crashpoint.Injector
+	point string
+}
+
+func (d *crashDevice) WriteAt(p []byte, off int64) (int, error) {
+	return d.in.Write(d.point, p, off, d.Device.WriteAt)
+}
+
+// writeReason is the registry's name for a state write's reason ("uefi-var db" → "uefi-var").
+func writeReason(why string) string {
+	r, _, _ := strings.Cut(why, " ")
+	return r
 }
 
 // Codes name why the SVSM failed closed; they are the "reason" of the final event.
@@ -87,6 +110,7 @@ type SVSM struct {
 	halted  *Error // set when a runtime write could not be made durable and confirmed
 	launch  []byte // MEASUREMENT from this boot's attestation report
 	keys    protocol.ConfirmKeys
+	dev     *crashDevice
 }
 
 // ErrHalted is what every TPM and variable call returns once the SVSM has halted.
@@ -113,7 +137,7 @@ func Boot(ctx context.Context, cfg Config) (*SVSM, error) {
 	if cfg.ExchangeTimeout <= 0 {
 		cfg.ExchangeTimeout = 60 * time.Second
 	}
-	s := &SVSM{cfg: cfg}
+	s := &SVSM{cfg: cfg, dev: &crashDevice{Device: cfg.StateDisk, in: cfg.Crash}}
 	actx, cancel := context.WithTimeout(ctx, cfg.ExchangeTimeout)
 	defer cancel()
 	conn, err := cfg.Proxy(actx)
@@ -153,7 +177,7 @@ func Boot(ctx context.Context, cfg Config) (*SVSM, error) {
 	}
 	s.emit("attested", attested)
 
-	store, st, err := statestore.Open(cfg.StateDisk, opts)
+	store, st, err := statestore.Open(s.dev, opts)
 	var corrupt *statestore.CorruptError
 	switch {
 	case errors.As(err, &corrupt):
@@ -263,13 +287,13 @@ func (s *SVSM) advance(ctx context.Context, first bool) error {
 			return err
 		}
 	}
-	if err := s.confirm(ctx, next); err != nil {
+	if err := s.confirm(ctx, next, "advance"); err != nil {
 		return err
 	}
 	return s.persistLocked(ctx, next, "mirror")
 }
 
-func (s *SVSM) confirm(ctx context.Context, counter uint64) error {
+func (s *SVSM) confirm(ctx context.Context, counter uint64, why string) error {
 	ctx, cancel := context.WithTimeout(ctx, s.cfg.ExchangeTimeout)
 	defer cancel()
 	conn, err := s.cfg.Proxy(ctx)
@@ -277,7 +301,11 @@ func (s *SVSM) confirm(ctx context.Context, counter uint64) error {
 		return fail(CodeConfirmUnreachable, "connect to proxy: %w", err)
 	}
 	defer conn.Close()
-	resp, err := attest.Confirm(ctx, conn, s.keys, s.payload.BootID[:], counter)
+	point := "guest/confirm/" + writeReason(why)
+	resp, err := attest.Confirm(ctx, conn, s.keys, s.payload.BootID[:], counter, func() { s.cfg.Crash.At(point + "/sent") })
+	if resp != nil {
+		s.cfg.Crash.At(point + "/answered") // an authenticated answer, success or refusal
+	}
 	if err != nil {
 		code := CodeConfirmNoAnswer
 		switch {
@@ -312,10 +340,14 @@ func (s *SVSM) write(counter uint64, nv []byte, why string) error {
 	if err != nil {
 		return &Error{Code: CodeStateIO, Err: err}
 	}
+	point := "guest/state/" + writeReason(why)
+	s.cfg.Crash.At(point + "/before")
+	s.dev.point = point + "/write"
 	st, err := s.store.Write(counter, b)
 	if err != nil {
 		return &Error{Code: CodeStateIO, Err: err}
 	}
+	s.cfg.Crash.At(point + "/synced")
 	s.counter = counter
 	s.savedNV = sha256.Sum256(nv)
 	s.emit("state-written", map[string]any{"slot": statestore.SlotName(st.Slot), "generation": st.Generation, "counter": counter, "why": why})
@@ -336,7 +368,7 @@ func (s *SVSM) runtimeWrite(ctx context.Context, nv []byte, why string) error {
 	}
 	err := s.write(counter, nv, why)
 	if err == nil && s.payload != nil && s.payload.WriteThrough {
-		err = s.confirm(ctx, counter)
+		err = s.confirm(ctx, counter, why)
 	}
 	if err != nil {
 		return s.haltLocked(err, why)

@@ -126,11 +126,16 @@ func (v *Verifier) Prime(name string) (*VMView, error) {
 			return err
 		}
 		view = vm.View()
-		return tx.Audit(AuditEvent{Event: "prime", Outcome: Allow, VM: name, Reason: reason})
+		if err := tx.Audit(AuditEvent{Event: "prime", Outcome: Allow, VM: name, Reason: reason}); err != nil {
+			return err
+		}
+		v.opts.Crash.At("verifier/prime/before-commit")
+		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
+	v.opts.Crash.At("verifier/prime/after-commit")
 	return &view, nil
 }
 

@@ -33,6 +33,7 @@ import (
 	"github.com/google/go-sev-guest/verify/trust"
 
 	"github.com/svsm-e2e/svsm-e2e/internal/admintoken"
+	"github.com/svsm-e2e/svsm-e2e/internal/crashpoint"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 )
 
@@ -57,7 +58,10 @@ type Options struct {
 	// CheckCRL fetches the product's CRL (from the KDS base) and refuses a chain whose ASK it
 	// revokes, or a CRL not signed by the trusted ARK.
 	CheckCRL bool
-	Logger   *slog.Logger
+	// Crash marks each decision's transaction at its registered crash points (fault
+	// injection: before and after the commit).
+	Crash  *crashpoint.Injector
+	Logger *slog.Logger
 }
 
 // Verifier is the running service.
@@ -643,10 +647,17 @@ func (v *Verifier) release(vmName, sid string, key protocol.ECPublicKey, gate re
 			return err
 		}
 		c := boot.Expected
-		return tx.Audit(AuditEvent{Event: "release", Outcome: Allow, VM: vm.Name, Session: sid, BootID: boot.ID, Counter: &c})
+		if err := tx.Audit(AuditEvent{Event: "release", Outcome: Allow, VM: vm.Name, Session: sid, BootID: boot.ID, Counter: &c}); err != nil {
+			return err
+		}
+		v.opts.Crash.At("verifier/release/before-commit")
+		return nil
 	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("release for vm %s: %w", vmName, err)
+	}
+	if ref == nil {
+		v.opts.Crash.At("verifier/release/after-commit")
 	}
 	if ref != nil {
 		v.log.Info("decision", "event", "release", "outcome", Deny, "vm", vmName, "reason", ref.Error())
@@ -725,13 +736,20 @@ func (v *Verifier) Confirm(req *protocol.ConfirmRequest) (*protocol.ConfirmRespo
 				return err
 			}
 			resp = protocol.NewConfirmAnswer(keys, req, true, vm.Counter, "")
-			return tx.Audit(AuditEvent{Event: "confirm", Outcome: Allow, VM: vm.Name, BootID: id, Counter: &c})
+			if err := tx.Audit(AuditEvent{Event: "confirm", Outcome: Allow, VM: vm.Name, BootID: id, Counter: &c}); err != nil {
+				return err
+			}
+			v.opts.Crash.At("verifier/confirm/before-commit")
+			return nil
 		default:
 			return deny(vm.Name, vm.Counter, "counter %d is neither the confirmed counter %d nor the next step", req.Counter, vm.Counter)
 		}
 	})
 	if err != nil {
 		return nil, fmt.Errorf("confirm boot %s: %w", id, err)
+	}
+	if resp.Success {
+		v.opts.Crash.At("verifier/confirm/after-commit")
 	}
 	v.log.Info("decision", "event", "confirm", "success", resp.Success, "boot", id, "counter", req.Counter, "reason", resp.Reason)
 	return resp, nil

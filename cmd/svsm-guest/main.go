@@ -105,5 +105,6 @@ first boot. Events go to stdout, one per line: SVSM-E2E-EVENT {"event":..,"layer
 	f.DurationVar(&cfg.AttestTimeout, "attest-timeout", 60*time.Second, "bound on attestation and each confirmation")
 	f.StringVar(&controlSocket, "control-socket", "", "unix socket of the control channel: one action per line after --then (poweroff/reboot ends)")
 	f.StringVar(&cfg.CrashAfter, "crash-after", "", "fault injection: SIGKILL itself right after the event EVENT[=WHY|ACTION]")
+	f.StringVar(&cfg.CrashAt, "crash-at", "", "fault injection: cut the power at a registered write point NAME[#n][:torn] (svsm-e2e crash-points lists them)")
 	return cmd
 }

@@ -14,13 +14,14 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/svsm-e2e/svsm-e2e/internal/crashpoint"
 	"github.com/svsm-e2e/svsm-e2e/internal/daemon"
 	"github.com/svsm-e2e/svsm-e2e/proxy"
 )
 
 func main() {
 	var opts proxy.Options
-	var unixPath, addrFile, logFormat, logLevel string
+	var unixPath, addrFile, logFormat, logLevel, crashAt string
 	var vsockPort uint32
 	cmd := &cobra.Command{
 		Use:          "svsm-proxy",
@@ -29,6 +30,11 @@ func main() {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log := daemon.Logger("svsm-proxy", logFormat, logLevel)
 			opts.Logger = log
+			crash, err := crashpoint.New(crashAt, crashpoint.KillSelf)
+			if err != nil {
+				return err
+			}
+			opts.Crash = crash
 			p, err := proxy.New(opts)
 			if err != nil {
 				return err
@@ -70,6 +76,7 @@ func main() {
 	f.DurationVar(&opts.StepTimeout, "step-timeout", 60*time.Second, "bound on each guest read and each verifier round trip")
 	f.BoolVar(&opts.Persistent, "persistent", false, "serve session after session on one connection (serial ports wired to unix sockets)")
 	f.IntVar(&opts.MaxConns, "max-conns", 256, "maximum concurrent guest connections")
+	f.StringVar(&crashAt, "crash-at", "", "fault injection: die at a registered point NAME[#n][:torn] (proxy/...)")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	_ = cmd.MarkFlagRequired("verifier-url")

@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/svsm-e2e/svsm-e2e/internal/crashpoint"
 	"github.com/svsm-e2e/svsm-e2e/internal/daemon"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 	"github.com/svsm-e2e/svsm-e2e/verifier"
@@ -48,7 +49,7 @@ func newRoot() *cobra.Command {
 
 func serveCmd() *cobra.Command {
 	var opts verifier.Options
-	var listen, adminListen, addrFile, adminAddrFile, rootsFile, logFormat, logLevel string
+	var listen, adminListen, addrFile, adminAddrFile, rootsFile, logFormat, logLevel, crashAt string
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Serve the KBS protocol and the admin API",
@@ -61,6 +62,11 @@ func serveCmd() *cobra.Command {
 				}
 				opts.TrustedRootsPEM = b
 			}
+			crash, err := crashpoint.New(crashAt, crashpoint.KillSelf)
+			if err != nil {
+				return err
+			}
+			opts.Crash = crash
 			v, err := verifier.New(opts)
 			if err != nil {
 				return err
@@ -102,6 +108,7 @@ func serveCmd() *cobra.Command {
 	f.DurationVar(&opts.KDS.NegativeTTL, "kds-negative-ttl", time.Minute, "how long a KDS 'no such certificate' answer is remembered")
 	f.DurationVar(&opts.KDS.OutageTTL, "kds-outage-ttl", 5*time.Second, "how long an unreachable KDS is remembered before it is tried again")
 	f.BoolVar(&opts.CheckCRL, "check-crl", false, "fetch the product CRL from the KDS and refuse a revoked ASK")
+	f.StringVar(&crashAt, "crash-at", "", "fault injection: die at a registered point NAME[#n] (verifier/...; svsm-e2e crash-points lists them)")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	_ = cmd.MarkFlagRequired("data-dir")

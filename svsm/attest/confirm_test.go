@@ -63,7 +63,7 @@ func TestConfirmTakesOnlyAnAuthenticatedSuccessForItsCounter(t *testing.T) {
 		{"no answer", func(r *protocol.ConfirmRequest) []byte { return nil }, ErrConfirmNoAnswer},
 	} {
 		conn := answerWith(t, tc.answer)
-		_, err := Confirm(context.Background(), conn, keys, boot, 5)
+		_, err := Confirm(context.Background(), conn, keys, boot, 5, nil)
 		conn.Close()
 		if tc.want == nil && err != nil || tc.want != nil && !errors.Is(err, tc.want) {
 			t.Errorf("%s: %v, want %v", tc.name, err, tc.want)
@@ -75,7 +75,7 @@ func TestConfirmTakesOnlyAnAuthenticatedSuccessForItsCounter(t *testing.T) {
 	go func() { _, _ = protocol.ReadFrame(host, protocol.MaxFrameSize) }()
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
-	if _, err := Confirm(ctx, guest, keys, boot, 5); !errors.Is(err, ErrConfirmTimeout) {
+	if _, err := Confirm(ctx, guest, keys, boot, 5, nil); !errors.Is(err, ErrConfirmTimeout) {
 		t.Errorf("silence: %v, want ErrConfirmTimeout", err)
 	}
 }

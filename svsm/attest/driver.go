@@ -150,8 +150,10 @@ var (
 )
 
 // Confirm sends a 0.3.0 confirmation on a fresh connection c and returns the verifier's
-// authenticated success. Anything else is an *Error wrapping one of the ErrConfirm kinds.
-func Confirm(ctx context.Context, c Conn, keys protocol.ConfirmKeys, bootID []byte, counter uint64) (*protocol.ConfirmResponse, error) {
+// authenticated success. Anything else is an *Error wrapping one of the ErrConfirm kinds; the
+// response is returned too when it was the verifier's authenticated refusal. sent, if not
+// nil, runs once the request is on its way (a crash point).
+func Confirm(ctx context.Context, c Conn, keys protocol.ConfirmKeys, bootID []byte, counter uint64, sent func()) (*protocol.ConfirmResponse, error) {
 	defer withDeadline(ctx, c)()
 	nonce := make([]byte, protocol.ConfirmNonceSize)
 	if _, err := rand.Read(nonce); err != nil {
@@ -169,6 +171,9 @@ func Confirm(ctx context.Context, c Conn, keys protocol.ConfirmKeys, bootID []by
 	}
 	if err := send(c, protocol.NegotiationRequest{Version: protocol.VersionConfirm, Tee: protocol.TeeSNP, Confirm: creq}); err != nil {
 		return nil, ioErr(err)
+	}
+	if sent != nil {
+		sent()
 	}
 	body, err := protocol.ReadFrame(c, protocol.MaxFrameSize)
 	if err != nil {
