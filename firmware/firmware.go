@@ -4,6 +4,7 @@
 package firmware
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/sha256"
@@ -65,12 +66,31 @@ type Result struct {
 	PCRs       map[int][]byte // SHA-256 bank, the PCRs the firmware extended
 }
 
+// enrolled reports whether the store already holds exactly what the template update u would
+// write: the same data under the same timestamp.
+func enrolled(vars Variables, u uefivars.Update) bool {
+	v, ok := vars.Get(u.GUID, u.Name)
+	if !ok {
+		return false
+	}
+	a, data, err := uefivars.ParseAuth2(u.Payload)
+	if err != nil {
+		return false
+	}
+	return v.Time == a.Time && bytes.Equal(v.Data, data)
+}
+
 // Run enrolls the first-boot template if the store is empty (Setup Mode without keys),
 // measures the launch, the Secure Boot configuration and the boot components, and enforces
 // dbx on the components when Secure Boot is on.
 func Run(_ context.Context, tpm io.ReadWriter, vars Variables, template []uefivars.Update, boot Boot) (*Result, error) {
 	if _, ok := vars.Get(uefivars.GlobalVariable, "PK"); !ok && len(template) > 0 {
 		for _, u := range template {
+			if enrolled(vars, u) {
+				// A power cut during an earlier first boot left this one in: applying it again
+				// would be refused as a replay (same timestamp) and brick the VM.
+				continue
+			}
 			if err := vars.Set(u); err != nil {
 				return nil, fmt.Errorf("enroll %s from template: %w", u.Name, err)
 			}

@@ -107,6 +107,21 @@ type Host struct {
 	// proxyVerifierURL, when set, is where svsm-proxy sends KBS traffic instead of the
 	// verifier (a tap on the host's network).
 	proxyVerifierURL string
+	// verifierCrash and proxyCrash are --crash-at values for the next (re)start.
+	verifierCrash, proxyCrash string
+}
+
+// RestartVerifierCrashingAt restarts the verifier so that it dies at the registered crash
+// point spec ("" restarts it normally).
+func (h *Host) RestartVerifierCrashingAt(ctx context.Context, spec string) error {
+	h.verifierCrash = spec
+	return h.RestartVerifier(ctx)
+}
+
+// RestartProxyCrashingAt restarts svsm-proxy so that it dies at spec ("" for normally).
+func (h *Host) RestartProxyCrashingAt(ctx context.Context, spec string) error {
+	h.proxyCrash = spec
+	return h.RestartProxy(ctx)
 }
 
 // RunPath names a socket of this host. Sockets live in WorkDir/run unless that path could
@@ -233,6 +248,9 @@ func (h *Host) StartVerifier(ctx context.Context) error {
 		args = append(args, "--kds-url", h.FakeSNPURL, "--trusted-roots", h.path("fakesnp-roots.pem"))
 	}
 	args = append(args, h.opts.VerifierArgs...)
+	if h.verifierCrash != "" {
+		args = append(args, "--crash-at", h.verifierCrash)
+	}
 	p, addrs, err := h.launch(ctx, "svsm-verifier", h.opts.Binaries.Verifier, args, addrFile, adminFile)
 	if p != nil {
 		h.Verifier = p
@@ -267,6 +285,13 @@ func (h *Host) RestartVerifier(ctx context.Context) error {
 	return h.StartVerifier(ctx)
 }
 
+func crashArgs(spec string) []string {
+	if spec == "" {
+		return nil
+	}
+	return []string{"--crash-at", spec}
+}
+
 // KillProxy kills svsm-proxy with SIGKILL (a crash, mid-message if a guest is talking).
 func (h *Host) KillProxy() { h.Proxy.Kill() }
 
@@ -284,7 +309,8 @@ func (h *Host) startProxy(ctx context.Context) error {
 		verifierURL = h.proxyVerifierURL
 	}
 	p, _, err := h.launch(ctx, "svsm-proxy", h.opts.Binaries.Proxy,
-		[]string{"--listen-unix", h.ProxySocket, "--addr-file", addrFile, "--verifier-url", verifierURL, "--step-timeout", "30s", "--persistent"}, addrFile)
+		append([]string{"--listen-unix", h.ProxySocket, "--addr-file", addrFile, "--verifier-url", verifierURL, "--step-timeout", "30s", "--persistent"},
+			crashArgs(h.proxyCrash)...), addrFile)
 	h.Proxy = p
 	return err
 }

@@ -179,6 +179,16 @@ func Boot(ctx context.Context, cfg Config) (*SVSM, error) {
 
 	store, st, err := statestore.Open(s.dev, opts)
 	var corrupt *statestore.CorruptError
+	if errors.As(err, &corrupt) && firstWriteIncomplete(corrupt, s.payload) {
+		// The only write this disk ever saw was cut short, and nothing on it was confirmed:
+		// start over as a first boot rather than brick the VM.
+		for _, p := range corrupt.Slots {
+			s.emitSlotProblem(p)
+		}
+		s.emit("state-first-write-incomplete", map[string]any{"slot": statestore.SlotName(corrupt.Slots[0].Slot)})
+		opts.OverIncompleteFirstWrite = true
+		store, st, err = statestore.Open(s.dev, opts)
+	}
 	switch {
 	case errors.As(err, &corrupt):
 		for _, p := range corrupt.Slots {
@@ -266,6 +276,18 @@ func Boot(ctx context.Context, cfg Config) (*SVSM, error) {
 	ok = true
 	return s, nil
 }
+
+// firstWriteIncomplete tells a first write cut short by a power cut from damaged state: one
+// slot never written, the other invalid, and nothing confirmed — in v1 the verifier expects
+// counter 0 (no state was ever confirmed); in raw mode there is no counter, and a wiped disk
+// is indistinguishable from a first boot there anyway (raw mode's known limitation).
+func firstWriteIncomplete(c *statestore.CorruptError, p *protocol.SecretPayloadV1) bool {
+	if c.Empty != statestore.SlotCount-1 || len(c.Slots) != 1 {
+		return false
+	}
+	return p == nil || p.ExpectedCounter == 0
+}
+
 
 func (s *SVSM) emitSlotProblem(p *statestore.SlotError) {
 	s.emit("state-slot-invalid", map[string]any{"slot": statestore.SlotName(p.Slot), "check": string(p.Check), "detail": p.Detail})

@@ -94,7 +94,11 @@ var ErrEmpty = errors.New("state disk is empty")
 
 // CorruptError means no slot is usable although the disk is not empty. It lists each slot's
 // failure; nothing is overwritten by Open.
-type CorruptError struct{ Slots []*SlotError }
+type CorruptError struct {
+	Slots []*SlotError
+	// Empty is how many slots were never written (all zero or beyond the disk's end).
+	Empty int
+}
 
 func (e *CorruptError) Error() string {
 	var b bytes.Buffer
@@ -121,6 +125,11 @@ type Options struct {
 	VMID [VMIDSize]byte
 	// Rand supplies nonces; crypto/rand when nil.
 	Rand io.Reader
+	// OverIncompleteFirstWrite opens a disk whose only written slot is invalid (a first write
+	// cut short) as an empty one: ErrEmpty, with the next write going to the never-written
+	// slot, so the damaged one is only overwritten once a good copy exists. The caller decides
+	// when that is safe (nothing on the disk was ever confirmed).
+	OverIncompleteFirstWrite bool
 }
 
 // Store reads and writes the two slots of one state disk.
@@ -187,7 +196,11 @@ func Open(dev Device, opts Options) (*Store, *State, error) {
 		if empty == SlotCount {
 			return s, nil, ErrEmpty
 		}
-		return nil, nil, &CorruptError{Slots: problems}
+		if opts.OverIncompleteFirstWrite && empty == SlotCount-1 && len(problems) == 1 {
+			s.newest = problems[0].Slot // the next write goes to the other, never-written slot
+			return s, nil, ErrEmpty
+		}
+		return nil, nil, &CorruptError{Slots: problems, Empty: empty}
 	}
 	s.newest, s.gen = best.Slot, best.Generation
 	return s, best, nil

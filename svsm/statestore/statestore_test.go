@@ -321,3 +321,29 @@ func TestUseFallsBackToAnOlderCounter(t *testing.T) {
 		t.Fatalf("reopen: %q", got.Body)
 	}
 }
+
+// TestOverIncompleteFirstWrite: a torn first write leaves one invalid slot and one never
+// written; opened as empty, the next write goes to the clean slot and the disk is good again.
+func TestOverIncompleteFirstWrite(t *testing.T) {
+	d := &memDisk{}
+	s, _, _ := Open(d, opts(1, 2))
+	d.tearAfter = 200
+	if _, err := s.Write(1, []byte(strings.Repeat("x", 4000))); err == nil {
+		t.Fatal("torn write reported success")
+	}
+	if _, _, err := Open(d, opts(1, 2)); err == nil {
+		t.Fatal("a torn first write opened without the option")
+	}
+	s, st, err := Open(d, Options{Key: opts(1, 2).Key, VMID: opts(1, 2).VMID, OverIncompleteFirstWrite: true})
+	if !errors.Is(err, ErrEmpty) || st != nil {
+		t.Fatalf("with the option: %v %v, want ErrEmpty", st, err)
+	}
+	w, err := s.Write(1, []byte("again"))
+	if err != nil || w.Slot != 1 {
+		t.Fatalf("first write after a torn one: %+v %v, want slot B", w, err)
+	}
+	s2, got := mustOpen(t, d, opts(1, 2))
+	if string(got.Body) != "again" || len(s2.Problems) != 1 {
+		t.Fatalf("reopen: %q, problems %v", got.Body, s2.Problems)
+	}
+}
