@@ -148,7 +148,7 @@ var _ = Describe("Crash of a host service at every registered point", Label("bac
 		if isProxy {
 			Eventually(s.Host.Proxy.Done()).WithTimeout(30 * time.Second).Should(BeClosed())
 		} else {
-			Eventually(s.Host.Verifier.Done()).WithTimeout(30 * time.Second).Should(BeClosed(), "the verifier never reached %s", spec)
+			Eventually(s.Host.Verifier.Done()).WithTimeout(30*time.Second).Should(BeClosed(), "the verifier never reached %s", spec)
 		}
 		if run != nil {
 			Expect(run.ExitCode).To(Equal(1), "a crash of the %s must fail the boot closed:\n%s", sp.Name, run.Stdout)

@@ -288,7 +288,6 @@ func firstWriteIncomplete(c *statestore.CorruptError, p *protocol.SecretPayloadV
 	return p == nil || p.ExpectedCounter == 0
 }
 
-
 func (s *SVSM) emitSlotProblem(p *statestore.SlotError) {
 	s.emit("state-slot-invalid", map[string]any{"slot": statestore.SlotName(p.Slot), "check": string(p.Check), "detail": p.Detail})
 }
