@@ -5,7 +5,7 @@ BACKEND ?= process
 GO ?= go
 BIN := bin
 
-.PHONY: all deps build test scenarios images fixtures fuzz bench demo vet clean
+.PHONY: all deps build test scenarios images fixtures fuzz bench demo vet clean mutants
 
 all: build
 
@@ -57,6 +57,13 @@ bench: deps build
 
 demo: deps build
 	$(BIN)/svsm-e2e demo --backend $(BACKEND) --workdir $(CURDIR)/demo-work
+
+# The mutant catalog (ci/mutants): each mutant disables one protection in a temporary worktree
+# of HEAD; the run reports what kills each and fails when one survives (about a minute each).
+# ONLY=G1,V2 runs some.
+ONLY ?=
+mutants: deps
+	$(GO) run ./ci/mutants $(if $(ONLY),-only $(ONLY)) -out $(CURDIR)/mutants.json
 
 # Regenerate the IGVM golden vectors with the independent implementation (fixtures/igvm).
 fixtures:
