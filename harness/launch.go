@@ -43,7 +43,11 @@ func (v *VM) buildLaunch() ([]byte, error) {
 			return nil, err
 		}
 	}
-	f, err := igvm.BuildLaunch(&igvm.Launch{Kernel: k, Initrd: initrd, Cmdline: in.Cmdline, Policy: fakesnp.DefaultPolicy})
+	native := false
+	if q, ok := v.stack.backend.(*QEMUBackend); ok {
+		native = q.IGVMBoot
+	}
+	f, err := igvm.BuildLaunch(&igvm.Launch{Kernel: k, Initrd: initrd, Cmdline: in.Cmdline, Policy: fakesnp.DefaultPolicy, Native: native})
 	if err != nil {
 		return nil, err
 	}

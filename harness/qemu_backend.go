@@ -34,14 +34,21 @@ type QEMUOptions struct {
 // QEMUBackend boots each VM boot as one QEMU process: svsm-guest is the initramfs's /init,
 // disks are virtio-blk, channels virtio-serial ports wired to the host's unix sockets.
 type QEMUBackend struct {
-	opts    QEMUOptions
-	Caps    *qemu.Capabilities
-	Choice  qemu.Choice
-	Image   *images.Image
-	tscKHz  int
-	mu      sync.Mutex
-	started int
+	opts   QEMUOptions
+	Caps   *qemu.Capabilities
+	Choice qemu.Choice
+	Image  *images.Image
+	// IGVMBoot: each VM boots from its IGVM launch image (its NATIVE platform) through
+	// igvm-cfg, not from -kernel/-initrd/-append.
+	IGVMBoot bool
+	tscKHz   int
+	mu       sync.Mutex
+	started  int
 }
+
+// EnvQEMU names the QEMU the suite's QEMU backend runs (default qemu-system-x86_64). An
+// IGVM-capable one (igvm-cfg) makes every VM boot from its IGVM launch image on q35.
+const EnvQEMU = "SVSM_E2E_QEMU"
 
 // DefaultImageCache is where images are built unless told otherwise.
 func DefaultImageCache() string {
@@ -75,7 +82,8 @@ func NewQEMUBackend(ctx context.Context, o QEMUOptions) (*QEMUBackend, error) {
 	if err != nil {
 		return nil, fmt.Errorf("guest image: %w", err)
 	}
-	b := &QEMUBackend{opts: o, Caps: caps, Choice: choice, Image: img}
+	b := &QEMUBackend{opts: o, Caps: caps, Choice: choice, Image: img,
+		IGVMBoot: choice.Profile == qemu.Q35 && caps.Objects["igvm-cfg"]}
 	if choice.Profile == qemu.Microvm && choice.Accel == qemu.TCG {
 		b.tscKHz = qemu.TSCKHz()
 	}
@@ -203,6 +211,10 @@ func (b *QEMUBackend) Start(ctx context.Context, vm *VM, o GuestOptions) (Instan
 	}
 	if o.ControlSocket != "" {
 		m.Ports = append(m.Ports, qemu.Port{Name: guest.PortControl, Socket: o.ControlSocket})
+	}
+	if b.IGVMBoot {
+		// QEMU loads the launch image itself: the pages the verifier's digest covers.
+		m.IGVM, m.Kernel, m.Initrd, m.Cmdline = vm.LaunchImage, "", "", ""
 	}
 	args, _ := m.Args()
 	_ = os.WriteFile(filepath.Join(vm.Dir, fmt.Sprintf("qemu-%02d.cmdline", n)), []byte(b.Caps.Binary+" "+strings.Join(args, " ")+"\n"), 0o644)

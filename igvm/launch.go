@@ -30,6 +30,10 @@ type Launch struct {
 	Policy  uint64 // SNP guest policy
 	// MemoryMiB the guest needs (RequiredMemory from GPA 0).
 	MemoryMiB uint32
+	// Native adds a NATIVE platform (format version 2) that an IGVM-capable QEMU starts without
+	// SEV: Kernel must then be an x86-64 vmlinux ELF (see nativeHeaders). The command line and
+	// initrd pages are shared by both platforms; the SNP digest is unchanged by the native part.
+	Native bool
 }
 
 func alignUp(v uint64) uint64 { return (v + PageSize4K - 1) &^ (PageSize4K - 1) }
@@ -60,21 +64,35 @@ func BuildLaunch(l *Launch) (*File, error) {
 	le.PutUint64(table[32:], uint64(len(l.Initrd)))
 	le.PutUint64(table[40:], CmdlineGPA)
 	le.PutUint64(table[48:], uint64(len(l.Cmdline)))
+	// shared marks the pages both platforms load byte for byte.
+	shared := uint32(snpCompat)
 	f := &File{Headers: []Header{
 		SupportedPlatform{CompatMask: snpCompat, PlatformType: PlatformSEVSNP, PlatformVersion: 1},
+	}}
+	var native []Header
+	if l.Native {
+		var err error
+		if native, err = nativeHeaders(l, initrdGPA, uint64(mem)<<20); err != nil {
+			return nil, err
+		}
+		f.Version, shared = FormatVersion2, snpCompat|nativeCompat
+		f.Headers = append(f.Headers, SupportedPlatform{CompatMask: nativeCompat, PlatformType: PlatformNative, PlatformVersion: 1})
+	}
+	f.Headers = append(f.Headers,
 		GuestPolicy{Policy: l.Policy, CompatMask: snpCompat},
 		RequiredMemory{GPA: 0, CompatMask: snpCompat, Bytes: mem << 20},
 		ParameterArea{Bytes: PageSize4K, Index: 0},
 		PageData{GPA: LaunchTableGPA, CompatMask: snpCompat, Data: table},
-		PageData{GPA: CmdlineGPA, CompatMask: snpCompat, Data: []byte(l.Cmdline)},
-	}}
-	pages := func(gpa uint64, b []byte) {
+		PageData{GPA: CmdlineGPA, CompatMask: shared, Data: []byte(l.Cmdline)},
+	)
+	pages := func(gpa uint64, b []byte, mask uint32) {
 		for off := 0; off < len(b); off += PageSize4K {
-			f.Headers = append(f.Headers, PageData{GPA: gpa + uint64(off), CompatMask: snpCompat, Data: b[off:min(len(b), off+PageSize4K)]})
+			f.Headers = append(f.Headers, PageData{GPA: gpa + uint64(off), CompatMask: mask, Data: b[off:min(len(b), off+PageSize4K)]})
 		}
 	}
-	pages(KernelGPA, l.Kernel)
-	pages(initrdGPA, l.Initrd)
+	pages(KernelGPA, l.Kernel, snpCompat)
+	pages(initrdGPA, l.Initrd, shared)
+	f.Headers = append(f.Headers, native...)
 	f.Headers = append(f.Headers,
 		ParameterInsert{GPA: ParamGPA, CompatMask: snpCompat, Index: 0},
 		VPContext{GPA: VMSAGPA, CompatMask: snpCompat, Data: vmsa(KernelGPA)},
@@ -107,6 +125,9 @@ func ExtractLaunch(f *File) (*Launch, error) {
 	for _, h := range f.Headers {
 		switch h := h.(type) {
 		case PageData:
+			if h.CompatMask&snpCompat == 0 {
+				continue // the native platform's own pages (kernel segments, boot structures)
+			}
 			if h.Flags&Flag2MB != 0 {
 				return nil, errors.New("igvm launch: 2 MiB pages are not used by launch images")
 			}

@@ -59,11 +59,14 @@ type Machine struct {
 	Kernel    string
 	Initrd    string
 	Cmdline   string
-	Console   string // unix socket for ttyS0 (the host listens)
-	QMP       string // unix socket QEMU listens on for QMP
-	Disks     []Disk
-	Ports     []Port
-	RNG       bool
+	// IGVM, on q35, boots the VM from this IGVM launch image's NATIVE platform (igvm-cfg)
+	// instead of -kernel/-initrd/-append: QEMU loads exactly the file's pages.
+	IGVM    string
+	Console string // unix socket for ttyS0 (the host listens)
+	QMP     string // unix socket QEMU listens on for QMP
+	Disks   []Disk
+	Ports   []Port
+	RNG     bool
 }
 
 var idRE = strings.NewReplacer(",", "", "=", "")
@@ -74,10 +77,13 @@ func (m *Machine) Args() ([]string, error) {
 	if m.Profile == Coconut || m.Profile == CoconutNoCC {
 		return nil, fmt.Errorf("qemu: profile %s runs a COCONUT-SVSM IGVM (SVSMLaunch), not a kernel", m.Profile)
 	}
-	if m.Kernel == "" {
-		return nil, errors.New("qemu: Kernel is required")
+	if m.IGVM != "" && m.Profile != Q35 {
+		return nil, fmt.Errorf("qemu: booting from an IGVM file needs the q35 profile, not %q", m.Profile)
 	}
-	for _, s := range []string{m.Kernel, m.Initrd, m.Console, m.QMP} {
+	if m.Kernel == "" && m.IGVM == "" {
+		return nil, errors.New("qemu: Kernel (or IGVM) is required")
+	}
+	for _, s := range []string{m.Kernel, m.Initrd, m.IGVM, m.Console, m.QMP} {
 		if strings.ContainsAny(s, ",\n") {
 			return nil, fmt.Errorf("qemu: path %q contains a comma or newline", s)
 		}
@@ -106,11 +112,17 @@ func (m *Machine) Args() ([]string, error) {
 		args = append(args, "-machine", "microvm,acpi=on")
 		bus = "device"
 	case Q35:
-		args = append(args, "-machine", "q35")
+		if m.IGVM != "" {
+			args = append(args, "-machine", "q35,memory-backend=mem0,igvm-cfg=igvm0",
+				"-object", fmt.Sprintf("memory-backend-ram,size=%dM,id=mem0", mem),
+				"-object", "igvm-cfg,id=igvm0,file="+m.IGVM)
+		} else {
+			args = append(args, "-machine", "q35")
+		}
 	default:
 		return nil, fmt.Errorf("qemu: unknown profile %q", m.Profile)
 	}
-	if m.Kernel != "" {
+	if m.Kernel != "" && m.IGVM == "" {
 		args = append(args, "-kernel", m.Kernel)
 		if m.Initrd != "" {
 			args = append(args, "-initrd", m.Initrd)

@@ -123,7 +123,14 @@ func (c *Capabilities) Choose(want Profile) (Choice, error) {
 			return Choice{}, fmt.Errorf("profile coconut-nocc on %s lacks igvm-cfg (QEMU built without IGVM)", c.Version)
 		}
 		return Choice{CoconutNoCC, accel, fmt.Sprintf("coconut-nocc on %s (igvm-cfg), %s", c.Version, why)}, nil
-	case Microvm, "":
+	case "":
+		if c.Machines["q35"] && c.Objects["igvm-cfg"] {
+			// A QEMU that loads IGVM files boots each VM from the very launch image the
+			// verifier measures: q35 is the machine that takes igvm-cfg.
+			return Choice{Q35, accel, fmt.Sprintf("q35 (virtio-pci) booted from the IGVM launch image (igvm-cfg) on %s, %s", c.Version, why)}, nil
+		}
+		fallthrough
+	case Microvm:
 		if c.Machines["microvm"] && c.Devices["virtio-blk-device"] {
 			return Choice{Microvm, accel, fmt.Sprintf("microvm (virtio-mmio) on %s, %s; no IGVM support (igvm-cfg=%v)", c.Version, why, c.Objects["igvm-cfg"])}, nil
 		}
@@ -135,7 +142,11 @@ func (c *Capabilities) Choose(want Profile) (Choice, error) {
 		if !c.Machines["q35"] {
 			return Choice{}, fmt.Errorf("%s has no q35 machine", c.Version)
 		}
-		return Choice{Q35, accel, fmt.Sprintf("q35 (virtio-pci) on %s, %s", c.Version, why)}, nil
+		how := "-kernel/-initrd/-append (no igvm-cfg)"
+		if c.Objects["igvm-cfg"] {
+			how = "booted from the IGVM launch image (igvm-cfg)"
+		}
+		return Choice{Q35, accel, fmt.Sprintf("q35 (virtio-pci) %s on %s, %s", how, c.Version, why)}, nil
 	}
 	return Choice{}, fmt.Errorf("unknown profile %q", want)
 }

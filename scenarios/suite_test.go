@@ -57,7 +57,7 @@ var _ = SynchronizedBeforeSuite(func() []byte {
 		bins, err := harness.FindBinaries(s.BinDir)
 		Expect(err).NotTo(HaveOccurred())
 		s.QEMUImages = harness.DefaultImageCache()
-		b, err := harness.NewQEMUBackend(context.Background(), harness.QEMUOptions{Guest: bins.Guest, ImageCache: s.QEMUImages})
+		b, err := harness.NewQEMUBackend(context.Background(), harness.QEMUOptions{Guest: bins.Guest, ImageCache: s.QEMUImages, Binary: os.Getenv(harness.EnvQEMU)})
 		Expect(err).NotTo(HaveOccurred(), "the QEMU backend is needed by backend:qemu specs")
 		fmt.Fprintf(GinkgoWriter, "qemu backend: %s\n", b.Choice.Reason)
 	}
@@ -108,7 +108,7 @@ func newQEMUStack() *harness.Stack {
 		bins, err := harness.FindBinaries(suite.BinDir)
 		Expect(err).NotTo(HaveOccurred())
 		Expect(suite.QEMUImages).NotTo(BeEmpty(), "the suite did not prepare the QEMU image")
-		qemuBackend, err = harness.NewQEMUBackend(ctx(), harness.QEMUOptions{Guest: bins.Guest, ImageCache: suite.QEMUImages})
+		qemuBackend, err = harness.NewQEMUBackend(ctx(), harness.QEMUOptions{Guest: bins.Guest, ImageCache: suite.QEMUImages, Binary: os.Getenv(harness.EnvQEMU)})
 		Expect(err).NotTo(HaveOccurred())
 	}
 	AddReportEntry("qemu", qemuBackend.Choice.Reason)
