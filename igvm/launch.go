@@ -31,15 +31,22 @@ type Launch struct {
 	// MemoryMiB the guest needs (RequiredMemory from GPA 0).
 	MemoryMiB uint32
 	// Native adds a NATIVE platform (format version 2) that an IGVM-capable QEMU starts without
-	// SEV: Kernel must then be an x86-64 vmlinux ELF (see nativeHeaders). The command line and
-	// initrd pages are shared by both platforms; the SNP digest is unchanged by the native part.
+	// SEV, and makes the SNP VMSA one KVM accepts: Kernel must then be an x86-64 vmlinux ELF
+	// (see bootHeaders). The boot pages are shared by both platforms.
 	Native bool
+	// NativeEntry32 starts the native platform the way the SNP VMSA starts, in 32-bit protected
+	// mode through the entry stub (the path an SNP launch takes, runnable without SEV).
+	NativeEntry32 bool
 }
 
 func alignUp(v uint64) uint64 { return (v + PageSize4K - 1) &^ (PageSize4K - 1) }
 
-// BuildLaunch makes the IGVM file for l. The initrd follows the kernel, page aligned. The
-// file's page data refers to l's slices (no copy of a large kernel); do not change them.
+// BuildLaunch makes the IGVM file for l. Without Native, the kernel file is measured at
+// KernelGPA and the initrd follows it. With Native, the kernel's segments, the zero page,
+// page tables, GDT and entry stub are pages of both platforms (what QEMU boots natively is
+// what the SNP digest covers), the initrd follows the kernel's image, and the kernel file
+// itself (for loaders that take -kernel) follows the initrd, SNP only. The file's page data
+// refers to l's slices (no copy of a large kernel); do not change them.
 func BuildLaunch(l *Launch) (*File, error) {
 	if len(l.Kernel) == 0 {
 		return nil, errors.New("igvm launch: no kernel")
@@ -47,18 +54,29 @@ func BuildLaunch(l *Launch) (*File, error) {
 	if len(l.Cmdline) > MaxCmdline {
 		return nil, fmt.Errorf("igvm launch: command line of %d bytes exceeds %d", len(l.Cmdline), MaxCmdline)
 	}
-	initrdGPA := alignUp(KernelGPA + uint64(len(l.Kernel)))
 	mem := l.MemoryMiB
 	if mem == 0 {
 		mem = 512
 	}
-	if end := initrdGPA + uint64(len(l.Initrd)); end > uint64(mem)<<20 {
+	kernelGPA := uint64(KernelGPA)
+	initrdGPA := alignUp(KernelGPA + uint64(len(l.Kernel)))
+	end := initrdGPA + uint64(len(l.Initrd))
+	if l.Native {
+		kend, err := kernelEnd(l.Kernel)
+		if err != nil {
+			return nil, err
+		}
+		initrdGPA = alignUp(max(kend, KernelGPA))
+		kernelGPA = alignUp(initrdGPA + uint64(len(l.Initrd)))
+		end = kernelGPA + uint64(len(l.Kernel))
+	}
+	if end > uint64(mem)<<20 {
 		return nil, fmt.Errorf("igvm launch: kernel and initrd end at %#x, beyond %d MiB of memory", end, mem)
 	}
 	table := make([]byte, 64)
 	copy(table, launchMagic)
 	le := binary.LittleEndian
-	le.PutUint64(table[8:], KernelGPA)
+	le.PutUint64(table[8:], kernelGPA)
 	le.PutUint64(table[16:], uint64(len(l.Kernel)))
 	le.PutUint64(table[24:], initrdGPA)
 	le.PutUint64(table[32:], uint64(len(l.Initrd)))
@@ -69,14 +87,15 @@ func BuildLaunch(l *Launch) (*File, error) {
 	f := &File{Headers: []Header{
 		SupportedPlatform{CompatMask: snpCompat, PlatformType: PlatformSEVSNP, PlatformVersion: 1},
 	}}
-	var native []Header
+	var boot []Header
+	var entry uint64
 	if l.Native {
-		var err error
-		if native, err = nativeHeaders(l, initrdGPA, uint64(mem)<<20); err != nil {
-			return nil, err
-		}
 		f.Version, shared = FormatVersion2, snpCompat|nativeCompat
 		f.Headers = append(f.Headers, SupportedPlatform{CompatMask: nativeCompat, PlatformType: PlatformNative, PlatformVersion: 1})
+		var err error
+		if boot, entry, err = bootHeaders(l, initrdGPA, uint64(mem)<<20, shared); err != nil {
+			return nil, err
+		}
 	}
 	f.Headers = append(f.Headers,
 		GuestPolicy{Policy: l.Policy, CompatMask: snpCompat},
@@ -90,18 +109,25 @@ func BuildLaunch(l *Launch) (*File, error) {
 			f.Headers = append(f.Headers, PageData{GPA: gpa + uint64(off), CompatMask: mask, Data: b[off:min(len(b), off+PageSize4K)]})
 		}
 	}
-	pages(KernelGPA, l.Kernel, snpCompat)
+	f.Headers = append(f.Headers, boot...)
 	pages(initrdGPA, l.Initrd, shared)
-	f.Headers = append(f.Headers, native...)
-	f.Headers = append(f.Headers,
-		ParameterInsert{GPA: ParamGPA, CompatMask: snpCompat, Index: 0},
-		VPContext{GPA: VMSAGPA, CompatMask: snpCompat, Data: vmsa(KernelGPA)},
-	)
+	pages(kernelGPA, l.Kernel, snpCompat)
+	if l.Native {
+		f.Headers = append(f.Headers, VPContext{GPA: 0, CompatMask: nativeCompat, Data: nativeContext(entry, l.NativeEntry32)})
+	}
+	f.Headers = append(f.Headers, ParameterInsert{GPA: ParamGPA, CompatMask: snpCompat, Index: 0})
+	if l.Native {
+		// KVM's rules: one VMSA, last, at 0xFFFFFFFFF000, in protected mode (CR0 0x31).
+		f.Headers = append(f.Headers, VPContext{GPA: VMSAGPA, CompatMask: snpCompat, Data: snpVMSA()})
+	} else {
+		f.Headers = append(f.Headers, VPContext{GPA: VMSAGPA, CompatMask: snpCompat, Data: vmsa(KernelGPA)})
+	}
 	return f, nil
 }
 
-// vmsa is the boot processor's initial state as an SEV-ES save area (offsets of the VMSA
-// layout): flat 64-bit code segment, long mode, RIP at the kernel, SEV_FEATURES.SNPActive.
+// vmsa is the boot processor's initial state of a launch image without a native platform (the
+// process backend's stand-in kernel, which no processor runs): long mode, RIP at the kernel
+// file. KVM would refuse it (igvmmeasure --check-kvm); native images use snpVMSA.
 func vmsa(rip uint64) []byte {
 	v := make([]byte, PageSize4K)
 	le := binary.LittleEndian
