@@ -4,6 +4,11 @@ export PATH := /usr/local/go/bin:$(PATH):/usr/sbin:/sbin
 BACKEND ?= process
 GO ?= go
 BIN := bin
+# An IGVM-capable QEMU beside the project (../shared/tools/qemu-igvm) becomes the QEMU backend's
+# QEMU: q35 VMs then boot from their IGVM launch images. Override with SVSM_E2E_QEMU=...
+SHARED_QEMU := $(wildcard $(CURDIR)/../shared/tools/qemu-igvm/bin/qemu-system-x86_64)
+SVSM_E2E_QEMU ?= $(SHARED_QEMU)
+export SVSM_E2E_QEMU
 
 .PHONY: all deps build test scenarios images fixtures fuzz bench demo vet clean mutants
 

@@ -29,6 +29,8 @@ type QEMUOptions struct {
 	Guest     string
 	Profile   qemu.Profile // "" lets the probe choose
 	MemoryMiB int          // default 512
+	// KernelBoot boots with -kernel/-initrd/-append even where QEMU has igvm-cfg (to compare).
+	KernelBoot bool
 }
 
 // QEMUBackend boots each VM boot as one QEMU process: svsm-guest is the initramfs's /init,
@@ -83,7 +85,7 @@ func NewQEMUBackend(ctx context.Context, o QEMUOptions) (*QEMUBackend, error) {
 		return nil, fmt.Errorf("guest image: %w", err)
 	}
 	b := &QEMUBackend{opts: o, Caps: caps, Choice: choice, Image: img,
-		IGVMBoot: choice.Profile == qemu.Q35 && caps.Objects["igvm-cfg"]}
+		IGVMBoot: choice.Profile == qemu.Q35 && caps.Objects["igvm-cfg"] && !o.KernelBoot}
 	if choice.Profile == qemu.Microvm && choice.Accel == qemu.TCG {
 		b.tscKHz = qemu.TSCKHz()
 	}

@@ -3,6 +3,7 @@ package harness_test
 import (
 	"context"
 	"fmt"
+	"os"
 	"testing"
 	"time"
 
@@ -18,13 +19,20 @@ func BenchmarkBootToUnlocked(b *testing.B) {
 	type variant struct {
 		name    string
 		profile qemu.Profile // "" = process backend
+		binary  string
+		kernel  bool // -kernel even where igvm-cfg exists
 	}
-	for _, v := range []variant{{"process", ""}, {"qemu-microvm", qemu.Microvm}, {"qemu-q35", qemu.Q35}} {
+	variants := []variant{{"process", "", "", false}, {"qemu-microvm", qemu.Microvm, "", false}, {"qemu-q35", qemu.Q35, "", false}}
+	if shared := "../../shared/tools/qemu-igvm/bin/qemu-system-x86_64"; fileExists(shared) {
+		// The same profile and QEMU, booted from the IGVM launch image vs from -kernel.
+		variants = append(variants, variant{"qemu-q35-igvm", qemu.Q35, shared, false}, variant{"qemu-q35-kernel-same-qemu", qemu.Q35, shared, true})
+	}
+	for _, v := range variants {
 		b.Run(v.name, func(b *testing.B) {
 			ctx := context.Background()
 			var backend harness.Backend
 			if v.profile != "" {
-				q, err := harness.NewQEMUBackend(ctx, harness.QEMUOptions{Guest: bins.Guest, Profile: v.profile})
+				q, err := harness.NewQEMUBackend(ctx, harness.QEMUOptions{Guest: bins.Guest, Profile: v.profile, Binary: v.binary, KernelBoot: v.kernel})
 				if err != nil {
 					b.Fatalf("qemu backend: %v", err)
 				}
@@ -62,4 +70,9 @@ func BenchmarkBootToUnlocked(b *testing.B) {
 			fmt.Printf("%s: %.2f s from start to LUKS unlocked (mean of %d)\n", v.name, total.Seconds()/float64(b.N), b.N)
 		})
 	}
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
 }

@@ -78,6 +78,9 @@ func demoCmd() *cobra.Command {
 				}
 				return runCoconutDemo(ctx, workdir, bins, o)
 			}
+			if qemuBin == "" {
+				qemuBin = os.Getenv(harness.EnvQEMU)
+			}
 			return runDemo(ctx, workdir, bins, backend, harness.QEMUOptions{Binary: qemuBin, Profile: qemu.Profile(profile)})
 		},
 	}
@@ -190,7 +193,7 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries, backend
 				return "", err
 			}
 			backend = q
-			return q.Choice.Reason + "; image " + q.Image.Hash, nil
+			return q.Caps.Binary + ": " + q.Choice.Reason + "; image " + q.Image.Hash, nil
 		}); err != nil {
 			return err
 		}
