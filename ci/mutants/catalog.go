@@ -100,7 +100,7 @@ var catalog = []Mutant{
 		"\tcase filepath.IsAbs(name):\n\t\treturn name, nil\n\t\tif filepath.Dir(filepath.Clean(name)) != s.opts.SocketDir {"},
 	{"F3", "fakesnp: removes whatever is at the socket path", "fakesnp/server.go",
 		"\tcase fi.Mode().Type() != os.ModeSocket:\n",
-		"\tcase false:\n"},
+		"\tcase false && fi.Mode().Type() != os.ModeSocket:\n"},
 	{"X1", "guest: accepts state one step behind the verifier (freshness off by one)", "svsm/svsm.go",
 		"\t\tcase !first && st.Counter < want:\n",
 		"\t\tcase !first && st.Counter+1 < want:\n"},
