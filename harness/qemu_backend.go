@@ -117,8 +117,11 @@ type QEMUInstance struct {
 // Reset asks QEMU for a system reset over QMP. QEMU runs with -no-reboot, so the reset ends
 // this QEMU process like a power cycle; the next boot is a new Start.
 func (q *QEMUInstance) Reset(ctx context.Context) error {
-	err := q.Proc.Reset(ctx)
-	return err
+	if err := q.Proc.Reset(ctx); err != nil {
+		return err
+	}
+	// Under -no-reboot the reset is a shutdown: QMP's SHUTDOWN event says it happened.
+	return q.Proc.WaitEvent(ctx, "SHUTDOWN", 30*time.Second)
 }
 
 // Kill cuts the power: QEMU is killed by PID.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os/exec"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -254,11 +255,15 @@ func (p *Process) Quit(ctx context.Context) error {
 			return err
 		}
 	}
+	if err := p.WaitEvent(ctx, "SHUTDOWN", 30*time.Second); err != nil && !strings.Contains(err.Error(), "exited") {
+		p.Kill()
+		return fmt.Errorf("QEMU quit: %w; killed", err)
+	}
 	select {
 	case <-p.done:
 		return nil
 	case <-time.After(30 * time.Second):
 		p.Kill()
-		return errors.New("QEMU did not exit within 30 s of quit; killed")
+		return errors.New("QEMU did not exit within 30 s of its SHUTDOWN event; killed")
 	}
 }
