@@ -43,13 +43,16 @@ func (v *VM) buildLaunch() ([]byte, error) {
 			return nil, err
 		}
 	}
-	native := false
-	if q, ok := v.stack.backend.(*QEMUBackend); ok {
-		native = q.IGVMBoot
-	}
+	// Every QEMU image carries the native platform and the KVM-valid SNP boot path, whether
+	// this QEMU boots it through igvm-cfg or takes the kernel file through -kernel.
+	_, native := v.stack.backend.(*QEMUBackend)
 	f, err := igvm.BuildLaunch(&igvm.Launch{Kernel: k, Initrd: initrd, Cmdline: in.Cmdline, Policy: fakesnp.DefaultPolicy, Native: native})
 	if err != nil {
 		return nil, err
+	}
+	// A digest no KVM launch reproduces would make every verifier decision about it moot.
+	if err := igvm.CheckKVM(f); err != nil {
+		return nil, fmt.Errorf("launch image %s: %w", v.LaunchImage, err)
 	}
 	raw, err := f.Marshal()
 	if err != nil {

@@ -116,8 +116,8 @@ func BuildLaunch(l *Launch) (*File, error) {
 		f.Headers = append(f.Headers, VPContext{GPA: 0, CompatMask: nativeCompat, Data: nativeContext(entry, l.NativeEntry32)})
 	}
 	f.Headers = append(f.Headers, ParameterInsert{GPA: ParamGPA, CompatMask: snpCompat, Index: 0})
+	// KVM's rules: one VMSA, last, at 0xFFFFFFFFF000, in protected mode (CR0 0x31).
 	if l.Native {
-		// KVM's rules: one VMSA, last, at 0xFFFFFFFFF000, in protected mode (CR0 0x31).
 		f.Headers = append(f.Headers, VPContext{GPA: VMSAGPA, CompatMask: snpCompat, Data: snpVMSA()})
 	} else {
 		f.Headers = append(f.Headers, VPContext{GPA: VMSAGPA, CompatMask: snpCompat, Data: vmsa(KernelGPA)})
@@ -126,20 +126,15 @@ func BuildLaunch(l *Launch) (*File, error) {
 }
 
 // vmsa is the boot processor's initial state of a launch image without a native platform (the
-// process backend's stand-in kernel, which no processor runs): long mode, RIP at the kernel
-// file. KVM would refuse it (igvmmeasure --check-kvm); native images use snpVMSA.
+// process backend's stand-in kernel, which no processor runs). It follows KVM's rules
+// (igvmmeasure --check-kvm: flat protected mode, CR0 0x31) so that the image's digest is one a
+// KVM launch reproduces; RIP points at the kernel file, which for a stand-in is not code.
 func vmsa(rip uint64) []byte {
-	v := make([]byte, PageSize4K)
+	v := snpVMSA()
 	le := binary.LittleEndian
-	// CS: selector 0x10, attrib 0xa09b (L=1, P, S, type code), limit 0xffffffff.
-	le.PutUint16(v[0x10:], 0x10)
-	le.PutUint16(v[0x12:], 0xa09b)
-	le.PutUint32(v[0x14:], 0xffffffff)
-	le.PutUint64(v[0xd0:], 0x1500)      // EFER: LME | LMA | SVME
-	le.PutUint64(v[0x148:], 0x40)       // CR4: PAE
-	le.PutUint64(v[0x158:], 0x80000011) // CR0: PG | ET | PE
+	le.PutUint16(v[0x64:], 0) // no GDT page in such an image
+	le.PutUint64(v[0x68:], 0)
 	le.PutUint64(v[0x178:], rip)
-	le.PutUint64(v[0x3b0:], 1) // SEV_FEATURES: SNPActive
 	return v
 }
 

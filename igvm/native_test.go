@@ -91,3 +91,19 @@ func TestNativeLaunch(t *testing.T) {
 		t.Fatal("entry stub operands")
 	}
 }
+
+// TestStandInLaunchFollowsKVMRules: the process backend's images (a stand-in kernel file, no
+// native platform) also carry a VMSA KVM accepts, so their digest is one a KVM launch computes.
+func TestStandInLaunchFollowsKVMRules(t *testing.T) {
+	f, err := BuildLaunch(&Launch{Kernel: []byte("stand-in kernel"), Initrd: []byte("initrd"), Cmdline: "x"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := CheckKVM(f); err != nil {
+		t.Fatalf("stand-in launch image: %v", err)
+	}
+	last := f.Headers[len(f.Headers)-1].(VPContext)
+	if rip := binary.LittleEndian.Uint64(last.Data[0x178:]); rip != KernelGPA {
+		t.Errorf("VMSA RIP %#x, want the kernel file at %#x", rip, KernelGPA)
+	}
+}
