@@ -192,3 +192,80 @@ func TestProxyPersistentSessions(t *testing.T) {
 		}
 	}
 }
+
+// TestProxyBoundsAHostilePeer: a guest that stops mid-frame is dropped after StepTimeout, and
+// beyond MaxConns a connection is closed at once, so stalled peers cannot hold the proxy.
+func TestProxyBoundsAHostilePeer(t *testing.T) {
+	srv := httptest.NewServer((&fakeKBS{}).handler())
+	defer srv.Close()
+	p, err := New(Options{VerifierURL: srv.URL, StepTimeout: time.Second, MaxConns: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- p.Serve(ctx, ln) }()
+	defer func() {
+		cancel()
+		if err := <-served; err != nil {
+			t.Errorf("serve: %v", err)
+		}
+	}()
+	dial := func() net.Conn {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		return c
+	}
+	// closedWithin reads until the proxy closes c and says how long it took.
+	closedWithin := func(c net.Conn) time.Duration {
+		start := time.Now()
+		var b [16]byte
+		for {
+			if _, err := c.Read(b[:]); err != nil {
+				if ne, ok := err.(net.Error); ok && ne.Timeout() {
+					t.Fatal("the proxy kept a stalled connection open for 10 s")
+				}
+				return time.Since(start)
+			}
+		}
+	}
+	stalled := dial()
+	defer stalled.Close()
+	stalled.Write([]byte{40, 0, 0}) // three bytes of a frame header, then nothing
+	for p.Stats.Connections.Load() == 0 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	second := dial() // over the limit while the first one is held
+	defer second.Close()
+	if d := closedWithin(second); d > 600*time.Millisecond {
+		t.Errorf("a connection over MaxConns was held %v", d)
+	}
+	if d := closedWithin(stalled); d > 5*time.Second {
+		t.Errorf("a stalled connection was held %v with StepTimeout 1s", d)
+	}
+	if got := p.Stats.Connections.Load(); got != 1 {
+		t.Errorf("%d connections served, want 1 (the second was over the limit)", got)
+	}
+	// The slot is freed just after the close: a well-behaved guest is then served.
+	neg, _ := json.Marshal(protocol.NegotiationRequest{Version: protocol.VersionAttest, Tee: protocol.TeeSNP})
+	for try := 0; ; try++ {
+		c := dial()
+		protocol.WriteFrame(c, neg)
+		_, err := protocol.ReadFrame(c, 0)
+		c.Close()
+		if err == nil {
+			break
+		}
+		if try == 100 {
+			t.Fatalf("no guest served after the stalled one: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
