@@ -10,7 +10,7 @@ SHARED_QEMU := $(wildcard $(CURDIR)/../shared/tools/qemu-igvm/bin/qemu-system-x8
 SVSM_E2E_QEMU ?= $(SHARED_QEMU)
 export SVSM_E2E_QEMU
 
-.PHONY: all deps build test scenarios images fixtures fuzz bench demo vet clean mutants
+.PHONY: all deps build test scenarios images fixtures fuzz bench demo vet clean mutants explore
 
 all: build
 
@@ -69,6 +69,14 @@ demo: deps build
 ONLY ?=
 mutants: deps
 	$(GO) run ./ci/mutants $(if $(ONLY),-only $(ONLY)) -out $(CURDIR)/mutants.json
+
+# Long explorations: random host-action sequences against a real stack, checked against the
+# reference model (`make test` runs a bounded one). SEED fixes the sequences (default: fresh,
+# printed); BUDGET is steps or a duration.
+BUDGET ?= 10m
+SEED ?=
+explore: deps build
+	$(BIN)/svsm-e2e explore --budget $(BUDGET) $(if $(SEED),--seed $(SEED)) --workdir $(CURDIR)/explore-work
 
 # Regenerate the IGVM golden vectors with the independent implementation (fixtures/igvm).
 fixtures:

@@ -73,7 +73,8 @@ func main() {
 		}
 		_ = os.WriteFile(path, bytes.Replace(orig, []byte(m.Old), []byte(m.New), 1), 0o644)
 		if out, err := run(tree, 5*time.Minute, "make", "build"); err != nil {
-			r.KilledBy = []string{"build: " + lastLine(out)}
+			// A mutant that does not compile proves nothing about the tests: a catalog error.
+			r.Error = "the mutant does not build: " + firstError(out)
 		} else {
 			tests, _ := run(tree, 15*time.Minute, "go", "test", "-count=1", "./protocol/...", "./svsm/...", "./verifier/...", "./harness/...",
 				"./fakesnp/...", "./proxy/...", "./internal/...", "./firmware/...", "./guestos/...", "./igvm/...")
@@ -91,7 +92,10 @@ func main() {
 		r.KilledBy = compact(r.KilledBy)
 		results = append(results, r)
 		status := fmt.Sprintf("killed by %d", len(r.KilledBy))
-		if len(r.KilledBy) == 0 {
+		switch {
+		case r.Error != "":
+			status = "BROKEN " + r.Error
+		case len(r.KilledBy) == 0:
 			status = "SURVIVED"
 		}
 		fmt.Printf("%-4s %-9s %s\n", m.ID, status, m.What)
@@ -124,6 +128,16 @@ func run(dir string, bound time.Duration, name string, args ...string) (string, 
 	cmd.Dir = dir
 	out, err := cmd.CombinedOutput()
 	return string(out), err
+}
+
+// firstError is the compiler's first complaint in make's output.
+func firstError(s string) string {
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, ".go:") {
+			return strings.TrimSpace(l)
+		}
+	}
+	return lastLine(s)
 }
 
 func lastLine(s string) string {

@@ -1,0 +1,406 @@
+package explore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/svsm-e2e/svsm-e2e/harness"
+)
+
+// Options say where and with what a sequence runs.
+type Options struct {
+	Binaries harness.Binaries
+	// CADir is a pre-generated fake AMD chain shared by the runs (optional; saves key generation).
+	CADir string
+	// WorkRoot holds one directory per run; a run's directory is its artifact bundle and is
+	// removed unless it found a violation or Keep is set.
+	WorkRoot string
+	Keep     bool
+	// BootTimeout bounds one boot (default 60 s).
+	BootTimeout time.Duration
+	Logger      *slog.Logger
+}
+
+// The invariants, as named in a Violation.
+const (
+	RuleStale       = "older-state-accepted" // a boot ran on state older than the last confirmed one
+	RuleLost        = "confirmed-data-lost"  // a boot ran without data a confirmed boot wrote
+	RuleTwoKeys     = "two-instances-one-request"
+	RuleUnprimed    = "boot-without-request" // a boot ran though the owner approved none
+	RuleReleases    = "more-releases-than-requests"
+	RuleBrick       = "honest-boot-refused"    // the last good state, primed, did not boot
+	RuleNoReason    = "refusal-without-reason" // a boot ended without a failed event with layer and reason
+	RuleCounterBack = "verifier-counter-went-back"
+)
+
+// Violation is an invariant a step broke.
+type Violation struct {
+	Step   int // 1-based index into the sequence
+	Rule   string
+	Detail string
+}
+
+func (v *Violation) Error() string {
+	return fmt.Sprintf("step %d: %s: %s", v.Step, v.Rule, v.Detail)
+}
+
+// Result is what one run of a sequence did.
+type Result struct {
+	Steps     []Step
+	Log       []string // one line per step: the action and what each layer answered
+	Violation *Violation
+	Dir       string // the run's artifact bundle (kept when Violation != nil or Options.Keep)
+}
+
+// model is what the guest and verifier may accept, from the host's actions alone.
+type model struct {
+	latest   string // NV data the last successful boot wrote ("" before the first)
+	disk     image
+	snaps    map[string]image
+	backup   image // the host's copy of the disk after the last good boot
+	pending  bool  // a boot request is primed and unused
+	primes   uint64
+	counter  uint64 // verifier counter seen after the last step
+	nextData int
+}
+
+// image is what a state disk holds, as the model knows it.
+type image struct {
+	data    string // the NV data of the state on it ("" = fresh)
+	damaged bool   // wiped or corrupted since
+}
+
+// Run runs steps on a fresh stack and checks each against the model. An error is a failure
+// of the machinery (a process would not start), not a finding.
+func Run(ctx context.Context, o Options, steps []Step) (*Result, error) {
+	if o.BootTimeout == 0 {
+		o.BootTimeout = 60 * time.Second
+	}
+	if err := os.MkdirAll(o.WorkRoot, 0o755); err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp(o.WorkRoot, "run-")
+	if err != nil {
+		return nil, err
+	}
+	res := &Result{Steps: steps, Dir: dir}
+	logger := o.Logger
+	if logger == nil {
+		logger = slog.New(slog.DiscardHandler)
+	}
+	s, err := harness.NewStack(ctx, harness.StackOptions{WorkDir: dir, Binaries: o.Binaries, CADir: o.CADir, Logger: logger})
+	if err != nil {
+		return nil, fmt.Errorf("explore: start stack: %w", err)
+	}
+	defer func() {
+		_ = s.Close()
+		if res.Violation == nil && !o.Keep {
+			_ = os.RemoveAll(dir)
+		}
+	}()
+	vm, err := s.NewVM(ctx, harness.VMOptions{Name: "vm", DataDiskMiB: -1, NoSecureBoot: true})
+	if err != nil {
+		return nil, fmt.Errorf("explore: new VM: %w", err)
+	}
+	r := &runner{o: o, s: s, vm: vm, m: model{snaps: map[string]image{}}, res: res}
+	for i, st := range steps {
+		r.step = i + 1
+		line, v, err := r.do(ctx, st)
+		res.Log = append(res.Log, fmt.Sprintf("%3d %-18s %s", i+1, st, line))
+		if err != nil {
+			return res, fmt.Errorf("explore: step %d (%s): %w", i+1, st, err)
+		}
+		if v == nil {
+			v, err = r.checkVerifier(ctx)
+			if err != nil {
+				return res, fmt.Errorf("explore: step %d (%s): %w", i+1, st, err)
+			}
+		}
+		if v != nil {
+			v.Step = i + 1
+			res.Violation = v
+			_ = s.CollectArtifacts(context.WithoutCancel(ctx))
+			return res, nil
+		}
+	}
+	return res, nil
+}
+
+type runner struct {
+	o    Options
+	s    *harness.Stack
+	vm   *harness.VM
+	m    model
+	res  *Result
+	step int
+}
+
+func (r *runner) do(ctx context.Context, st Step) (string, *Violation, error) {
+	m := &r.m
+	switch st.Op {
+	case "snapshot", "wipe", "corrupt", "clone":
+		// Before the first boot there may be no state disk, or an empty one, to act on.
+		if fi, err := os.Stat(r.vm.StateDisk); errors.Is(err, os.ErrNotExist) || (err == nil && fi.Size() == 0) {
+			return "no state disk yet: nothing done", nil, nil
+		}
+	}
+	switch st.Op {
+	case "prime":
+		if err := r.prime(ctx); err != nil {
+			return "", nil, err
+		}
+		return "primed", nil, nil
+	case "boot", "boot-unprimed":
+		if st.Op == "boot" {
+			if err := r.prime(ctx); err != nil {
+				return "", nil, err
+			}
+		}
+		return r.boot(ctx)
+	case "snapshot":
+		if err := r.vm.Snapshot(st.Arg); err != nil {
+			return "", nil, err
+		}
+		m.snaps[st.Arg] = m.disk
+		return "disk copied aside", nil, nil
+	case "restore":
+		img, ok := m.snaps[st.Arg]
+		if !ok {
+			return "no such copy: nothing done", nil, nil
+		}
+		if err := r.vm.Restore(st.Arg); err != nil {
+			return "", nil, err
+		}
+		m.disk = img
+		return fmt.Sprintf("disk holds %s", img), nil, nil
+	case "recover":
+		if m.latest == "" {
+			return "no good boot yet: nothing done", nil, nil
+		}
+		if err := r.vm.Restore("good"); err != nil {
+			return "", nil, err
+		}
+		m.disk = m.backup
+		return fmt.Sprintf("disk holds %s", m.disk), nil, nil
+	case "wipe":
+		n, err := r.vm.StateDiskSize()
+		if err != nil {
+			return "", nil, err
+		}
+		if err := r.vm.ZeroRange(0, int(n)); err != nil {
+			return "", nil, err
+		}
+		m.disk = image{data: "wiped", damaged: true}
+		return "zeroed", nil, nil
+	case "corrupt":
+		n, err := r.vm.StateDiskSize()
+		if err != nil {
+			return "", nil, err
+		}
+		off, _ := strconv.ParseInt(st.Arg, 10, 64)
+		off %= n
+		if err := r.vm.Corrupt(off, 0x5a); err != nil {
+			return "", nil, err
+		}
+		m.disk.damaged = true
+		return fmt.Sprintf("byte %d flipped", off), nil, nil
+	case "clone":
+		return r.clone(ctx)
+	case "restart-verifier":
+		r.s.Host.KillVerifier()
+		return "restarted", nil, r.s.RestartVerifier(ctx)
+	case "restart-proxy":
+		r.s.Host.KillProxy()
+		return "restarted", nil, r.s.Host.RestartProxy(ctx)
+	}
+	return "", nil, fmt.Errorf("unknown op %q", st.Op)
+}
+
+func (r *runner) prime(ctx context.Context) error {
+	if err := r.vm.Prime(ctx); err != nil {
+		return err
+	}
+	r.m.primes++
+	r.m.pending = true
+	return nil
+}
+
+func (i image) String() string {
+	s := i.data
+	if s == "" {
+		s = "fresh state"
+	}
+	if i.damaged {
+		s += " (damaged)"
+	}
+	return s
+}
+
+// honest says whether the model requires the next boot to succeed: the disk holds the last
+// good state undamaged and a boot request is pending.
+func (m *model) honest() bool {
+	return m.pending && !m.disk.damaged && m.disk.data == m.latest
+}
+
+func (r *runner) data() string {
+	r.m.nextData++
+	return fmt.Sprintf("d%d", r.m.nextData)
+}
+
+// boot boots the VM once (without priming) and checks the outcome.
+func (r *runner) boot(ctx context.Context) (string, *Violation, error) {
+	must := r.m.honest()
+	write := r.data()
+	run, err := r.vm.Boot(ctx, harness.BootOptions{NoPrime: true, Actions: []string{"nv-read", "nv-write=" + write}, Timeout: r.o.BootTimeout})
+	if err != nil {
+		return "", nil, err
+	}
+	line, booted, v := r.outcome(run, write)
+	if v != nil {
+		return line, v, nil
+	}
+	if !booted {
+		if must {
+			return line, &Violation{Rule: RuleBrick, Detail: "the disk held the last confirmed state, a boot request was primed, and the boot was refused: " + line}, nil
+		}
+		return line, nil, r.afterRefusal(ctx)
+	}
+	return line, nil, r.afterBoot(write)
+}
+
+// outcome reads a finished boot: whether it ran, and a violation if what it read or how it
+// ended breaks the model.
+func (r *runner) outcome(run *harness.GuestRun, wrote string) (string, bool, *Violation) {
+	last := run.Last()
+	if run.ExitCode != 0 {
+		if run.ExitCode != 1 || last.Event != "failed" || last.Layer == "" || last.Reason == "" {
+			return fmt.Sprintf("exit %d, last event %+v", run.ExitCode, last), false,
+				&Violation{Rule: RuleNoReason, Detail: fmt.Sprintf("exit %d, last event %q layer %q reason %q", run.ExitCode, last.Event, last.Layer, last.Reason)}
+		}
+		return fmt.Sprintf("refused: %s/%s", last.Layer, last.Reason), false, nil
+	}
+	if last.Event != "poweroff" {
+		return fmt.Sprintf("exit 0 with last event %q", last.Event), false,
+			&Violation{Rule: RuleNoReason, Detail: fmt.Sprintf("exit 0 but the last event is %q", last.Event)}
+	}
+	read, _ := run.Action("nv-read", 0)
+	got := read.String("nv_data")
+	line := fmt.Sprintf("booted: read %q, wrote %q", got, wrote)
+	switch {
+	case !r.m.pending:
+		return line, true, &Violation{Rule: RuleUnprimed, Detail: "the VM booted though no boot request was primed"}
+	case got != r.m.latest && r.isOlder(got):
+		return line, true, &Violation{Rule: RuleStale, Detail: fmt.Sprintf("the boot read %q, but %q was confirmed later", got, r.m.latest)}
+	case got != r.m.latest:
+		return line, true, &Violation{Rule: RuleLost, Detail: fmt.Sprintf("the boot read %q; the last confirmed boot wrote %q", got, r.m.latest)}
+	}
+	if w, ok := run.Action("nv-write", 0); !ok || w.String("nv_data") != wrote {
+		return line, true, &Violation{Rule: RuleNoReason, Detail: "the boot powered off without performing its nv-write"}
+	}
+	return line, true, nil
+}
+
+// isOlder: data written by an earlier step than the latest.
+func (r *runner) isOlder(data string) bool {
+	n, err1 := strconv.Atoi(strings.TrimPrefix(data, "d"))
+	l, err2 := strconv.Atoi(strings.TrimPrefix(r.m.latest, "d"))
+	return data == "" || (err1 == nil && err2 == nil && n < l)
+}
+
+// afterBoot: the model's state after a successful boot wrote data; the host keeps a backup.
+func (r *runner) afterBoot(data string) error {
+	r.m.latest, r.m.disk, r.m.backup, r.m.pending = data, image{data: data}, image{data: data}, false
+	return r.vm.Snapshot("good")
+}
+
+// afterRefusal: whether the boot request survived depends on where the refusal came (a
+// release consumes it); the verifier says.
+func (r *runner) afterRefusal(ctx context.Context) error {
+	v, err := r.vm.View(ctx)
+	if err != nil {
+		return err
+	}
+	r.m.pending = r.m.pending && v.Primed
+	return nil
+}
+
+// clone: a second instance from the same disk, one boot request, both boot at once.
+func (r *runner) clone(ctx context.Context) (string, *Violation, error) {
+	c, err := r.s.Clone(r.vm, fmt.Sprintf("clone%d", r.step))
+	if err != nil {
+		return "", nil, err
+	}
+	if err := r.prime(ctx); err != nil {
+		return "", nil, err
+	}
+	must := r.m.honest()
+	writes := []string{r.data(), r.data()}
+	vms := []*harness.VM{r.vm, c}
+	runs := make([]*harness.GuestRun, 2)
+	errs := make([]error, 2)
+	var wg sync.WaitGroup
+	for i := range vms {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			runs[i], errs[i] = vms[i].Boot(ctx, harness.BootOptions{NoPrime: true, Actions: []string{"nv-read", "nv-write=" + writes[i]}, Timeout: r.o.BootTimeout})
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return "", nil, err
+	}
+	var lines []string
+	winner := -1
+	for i, run := range runs {
+		line, booted, v := r.outcome(run, writes[i])
+		lines = append(lines, []string{"original", "clone"}[i]+" "+line)
+		if v != nil {
+			return strings.Join(lines, "; "), v, nil
+		}
+		if booted {
+			if winner >= 0 {
+				return strings.Join(lines, "; "), &Violation{Rule: RuleTwoKeys, Detail: "both instances booted on one boot request"}, nil
+			}
+			winner = i
+		}
+	}
+	line := strings.Join(lines, "; ")
+	if winner < 0 {
+		if must {
+			return line, &Violation{Rule: RuleBrick, Detail: "neither instance booted from the last confirmed state on a primed request"}, nil
+		}
+		return line, nil, r.afterRefusal(ctx)
+	}
+	// The host keeps the instance that runs: the winner's disk becomes the VM's.
+	if winner == 1 {
+		if err := r.vm.LoadState(c.StateDisk); err != nil {
+			return "", nil, err
+		}
+	}
+	return line, nil, r.afterBoot(writes[winner])
+}
+
+// checkVerifier: after every step, the verifier never released more keys than boot requests
+// were primed, and its counter never went back.
+func (r *runner) checkVerifier(ctx context.Context) (*Violation, error) {
+	v, err := r.vm.View(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if v.Releases > r.m.primes {
+		return &Violation{Rule: RuleReleases, Detail: fmt.Sprintf("%d releases for %d boot requests", v.Releases, r.m.primes)}, nil
+	}
+	if v.Counter < r.m.counter {
+		return &Violation{Rule: RuleCounterBack, Detail: fmt.Sprintf("counter %d after %d", v.Counter, r.m.counter)}, nil
+	}
+	r.m.counter = v.Counter
+	return nil, nil
+}

@@ -1,0 +1,182 @@
+// Package explore drives random sequences of host actions against a real stack (fakesnp,
+// svsm-verifier, svsm-proxy and svsm-guest processes) and checks every step against a
+// reference model of what the guest and the verifier may accept. A violation is shrunk to a
+// minimal sequence and printed as one replayable line and as a ready Ginkgo spec.
+package explore
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// A Step is one host action. Its text form is the op, then its argument after a space
+// ("snapshot a", "corrupt 4242"); a sequence joins steps with ";".
+type Step struct {
+	Op  string
+	Arg string
+}
+
+func (s Step) String() string {
+	if s.Arg == "" {
+		return s.Op
+	}
+	return s.Op + " " + s.Arg
+}
+
+// Ops the explorer knows, with what each does as the host.
+var opDocs = map[string]string{
+	"boot":             "prime a boot request and boot the VM (it reads and rewrites its NV data)",
+	"boot-unprimed":    "boot the VM without priming",
+	"prime":            "prime a boot request, boot nothing",
+	"snapshot":         "copy the VM's state disk aside under a label (a or b)",
+	"restore":          "put a labelled copy back as the state disk (a rollback if it is old)",
+	"recover":          "put back the host's backup of the disk after the last good boot (what an honest host does)",
+	"wipe":             "zero the whole state disk",
+	"corrupt":          "flip one byte of the state disk at an offset",
+	"clone":            "copy the disk into a second instance; prime once; boot both at once; keep the winner's disk",
+	"restart-verifier": "kill -9 the verifier and start it again on its database",
+	"restart-proxy":    "kill -9 the proxy and start it again",
+}
+
+// Ops lists the known ops with their description, sorted by name.
+func Ops() []string {
+	out := make([]string, 0, len(opDocs))
+	for op, doc := range opDocs {
+		out = append(out, fmt.Sprintf("%-16s %s", op, doc))
+	}
+	slices.Sort(out)
+	return out
+}
+
+// MaxSteps bounds a sequence (a replay line is untrusted input).
+const MaxSteps = 1000
+
+// Parse reads a sequence in the form Format writes.
+func Parse(line string) ([]Step, error) {
+	var out []Step
+	for _, part := range strings.Split(line, ";") {
+		part = strings.TrimSpace(part)
+		if part == "" {
+			continue
+		}
+		if len(out) == MaxSteps {
+			return nil, fmt.Errorf("explore: more than %d steps", MaxSteps)
+		}
+		op, arg, _ := strings.Cut(part, " ")
+		s := Step{Op: op, Arg: strings.TrimSpace(arg)}
+		if err := s.check(); err != nil {
+			return nil, fmt.Errorf("explore: step %d %q: %w", len(out)+1, part, err)
+		}
+		out = append(out, s)
+	}
+	if len(out) == 0 {
+		return nil, errors.New("explore: empty sequence")
+	}
+	return out, nil
+}
+
+func (s Step) check() error {
+	if _, ok := opDocs[s.Op]; !ok {
+		return fmt.Errorf("unknown op (known: %s)", strings.Join(opNames(), ", "))
+	}
+	switch s.Op {
+	case "snapshot", "restore":
+		if s.Arg != "a" && s.Arg != "b" {
+			return errors.New("the label is a or b")
+		}
+	case "corrupt":
+		if _, err := strconv.ParseUint(s.Arg, 10, 31); err != nil {
+			return fmt.Errorf("the offset: %w", err)
+		}
+	default:
+		if s.Arg != "" {
+			return errors.New("takes no argument")
+		}
+	}
+	return nil
+}
+
+func opNames() []string {
+	out := make([]string, 0, len(opDocs))
+	for op := range opDocs {
+		out = append(out, op)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Format writes a sequence as one line.
+func Format(steps []Step) string {
+	parts := make([]string, len(steps))
+	for i, s := range steps {
+		parts[i] = s.String()
+	}
+	return strings.Join(parts, ";")
+}
+
+// weights make honest boots common (the model needs good states to attack) and attacks
+// frequent enough that most sequences contain several.
+var weights = []struct {
+	op string
+	w  int
+}{
+	{"boot", 30}, {"boot-unprimed", 5}, {"prime", 4}, {"snapshot", 14}, {"restore", 12},
+	{"recover", 5}, {"wipe", 2}, {"corrupt", 4}, {"clone", 7}, {"restart-verifier", 4}, {"restart-proxy", 3},
+}
+
+// Generate draws n steps from r. The first step is a boot (the VM's first boot). The draw is
+// steered towards sequences that can break something: a restore names a label already
+// snapshotted, and a disk the host has just tampered with is usually booted next.
+func Generate(r *rand.Rand, n int) []Step {
+	total := 0
+	for _, w := range weights {
+		total += w.w
+	}
+	out := []Step{{Op: "boot"}}
+	var labels []string
+	tampered := false
+	for len(out) < n {
+		var op string
+		if tampered && r.IntN(3) < 2 {
+			op = []string{"boot", "boot", "clone", "boot-unprimed"}[r.IntN(4)]
+		} else {
+			x := r.IntN(total)
+			for _, w := range weights {
+				if x < w.w {
+					op = w.op
+					break
+				}
+				x -= w.w
+			}
+		}
+		s := Step{Op: op}
+		switch op {
+		case "snapshot":
+			s.Arg = []string{"a", "b"}[r.IntN(2)]
+			if !slices.Contains(labels, s.Arg) {
+				labels = append(labels, s.Arg)
+			}
+		case "restore":
+			if len(labels) == 0 {
+				s = Step{Op: "snapshot", Arg: "a"}
+				labels = append(labels, "a")
+				break
+			}
+			s.Arg = labels[r.IntN(len(labels))]
+		case "corrupt":
+			s.Arg = strconv.Itoa(r.IntN(1 << 20))
+		}
+		switch s.Op {
+		case "restore", "wipe", "corrupt", "recover":
+			tampered = true
+		case "boot", "boot-unprimed", "clone":
+			tampered = false
+		}
+		out = append(out, s)
+	}
+	return out
+}

@@ -1,0 +1,79 @@
+package scenarios
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"fmt"
+	"os"
+	"strings"
+
+	. "github.com/onsi/ginkgo/v2"
+	. "github.com/onsi/gomega"
+
+	"github.com/svsm-e2e/svsm-e2e/explore"
+	"github.com/svsm-e2e/svsm-e2e/harness"
+)
+
+// exploreOptions: runs under the suite's artifact root; a failing run's bundle is kept there.
+func exploreOptions() explore.Options {
+	GinkgoHelper()
+	bins, err := harness.FindBinaries(suite.BinDir)
+	Expect(err).NotTo(HaveOccurred())
+	Expect(os.MkdirAll(artifactsRoot(), 0o755)).To(Succeed())
+	dir, err := os.MkdirTemp(artifactsRoot(), fmt.Sprintf("explore-p%d-", GinkgoParallelProcess()))
+	Expect(err).NotTo(HaveOccurred())
+	DeferCleanup(func() {
+		if !CurrentSpecReport().Failed() {
+			_ = os.RemoveAll(dir)
+		}
+	})
+	return explore.Options{Binaries: bins, CADir: suite.CADir, WorkRoot: dir}
+}
+
+// replay runs one explorer sequence (the form `svsm-e2e explore` prints for a finding).
+func replay(line string) *explore.Result {
+	GinkgoHelper()
+	steps, err := explore.Parse(line)
+	Expect(err).NotTo(HaveOccurred())
+	res, err := explore.Run(ctx(), exploreOptions(), steps)
+	Expect(err).NotTo(HaveOccurred())
+	AddReportEntry("explore log", strings.Join(res.Log, "\n"))
+	return res
+}
+
+// exploreSeeds are explored on every run; one fresh seed is added and printed.
+var exploreSeeds = []uint64{1, 2, 3}
+
+var _ = Describe("Explorer", Label("backend:process", "explore", "attack"), func() {
+	It("random host-action sequences from fixed seeds and a fresh one break no invariant", func() {
+		var b [8]byte
+		_, _ = rand.Read(b[:])
+		fresh := binary.LittleEndian.Uint64(b[:]) >> 1
+		AddReportEntry("fresh explorer seed", fresh)
+		fmt.Fprintf(GinkgoWriter, "explorer: fresh seed %d (replay: svsm-e2e explore --seed %d --budget 300)\n", fresh, fresh)
+		o := exploreOptions()
+		for _, seed := range append(exploreSeeds, fresh) {
+			rep, err := explore.Explore(ctx(), o, seed, explore.Budget{Steps: 300}, func(l string) { fmt.Fprintf(GinkgoWriter, "explorer seed %d: %s\n", seed, l) })
+			Expect(err).NotTo(HaveOccurred(), "seed %d", seed)
+			Expect(rep.Steps).To(BeNumerically(">=", 300))
+			if rep.Found != nil {
+				Fail(fmt.Sprintf("seed %d: %s\n%s\nreplay: %s\nartifacts: %s\nspec:\n%s", seed, rep.Found.Violation,
+					strings.Join(rep.Found.Log, "\n"), explore.Command(rep.Found.Steps), rep.Found.Dir, explore.Spec(rep.Found)))
+			}
+		}
+	})
+
+	It("a replayed rollback is refused by the guest and the verifier's counter holds", func() {
+		res := replay("boot;snapshot a;boot;restore a;boot;recover;boot")
+		Expect(res.Violation).To(BeNil(), "%s", strings.Join(res.Log, "\n"))
+		Expect(res.Log[4]).To(ContainSubstring("refused: svsm/stale-state"), "the rollback boot")
+		Expect(res.Log[6]).To(ContainSubstring(`booted: read "d2"`), "the honest boot after recovery reads the last confirmed data")
+	})
+
+	It("a clone racing its original on one boot request: one boots, the other is refused", func() {
+		res := replay("boot;clone;boot")
+		Expect(res.Violation).To(BeNil(), "%s", strings.Join(res.Log, "\n"))
+		Expect(res.Log[1]).To(SatisfyAll(ContainSubstring("booted"), ContainSubstring("refused")))
+		Expect(res.Log[2]).To(ContainSubstring("booted"), "the host kept the winner's disk")
+	})
+})
