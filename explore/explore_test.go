@@ -57,8 +57,8 @@ func FuzzParse(f *testing.F) {
 // TestGenerate: the same seed gives the same sequences, every step parses, and a restore
 // only ever names a label snapshotted before it.
 func TestGenerate(t *testing.T) {
-	a := Generate(rand.New(rand.NewPCG(1, 2)), 200)
-	b := Generate(rand.New(rand.NewPCG(1, 2)), 200)
+	a := Generate(rand.New(rand.NewPCG(1, 2)), 1000)
+	b := Generate(rand.New(rand.NewPCG(1, 2)), 1000)
 	if !slices.Equal(a, b) {
 		t.Fatal("one seed, two sequences")
 	}
@@ -83,7 +83,7 @@ func TestGenerate(t *testing.T) {
 	}
 	for op := range opDocs {
 		if !ops[op] {
-			t.Errorf("200 steps never drew %s", op)
+			t.Errorf("1000 steps never drew %s", op)
 		}
 	}
 }
@@ -97,6 +97,7 @@ func TestOutcome(t *testing.T) {
 		}
 		return e
 	}
+	acc := func(a ...string) []string { return a }
 	booted := func(read string) *harness.GuestRun {
 		return &harness.GuestRun{Events: []protocol.Event{
 			ev("action", "action", "nv-read", "nv_data", read), ev("action", "action", "nv-write", "nv_data", "d9"), ev("poweroff")}}
@@ -106,27 +107,31 @@ func TestOutcome(t *testing.T) {
 		name    string
 		m       model
 		run     *harness.GuestRun
-		booted  bool
+		end     ending
 		violate string
 	}{
-		{"current state", model{latest: "d2", pending: true}, booted("d2"), true, ""},
-		{"first boot", model{pending: true}, booted(""), true, ""},
-		{"older state", model{latest: "d5", pending: true}, booted("d2"), true, RuleStale},
-		{"no state where some was confirmed", model{latest: "d5", pending: true}, booted(""), true, RuleStale},
-		{"other state", model{latest: "d5", pending: true}, booted("x"), true, RuleLost},
-		{"no boot request", model{latest: "d2"}, booted("d2"), true, RuleUnprimed},
-		{"refused with a reason", model{latest: "d2"}, &harness.GuestRun{ExitCode: 1, Events: []protocol.Event{failed}}, false, ""},
-		{"refused without a reason", model{}, &harness.GuestRun{ExitCode: 1, Events: []protocol.Event{{Event: "failed", Layer: "svsm"}}}, false, RuleNoReason},
-		{"killed", model{}, &harness.GuestRun{ExitCode: 2}, false, RuleNoReason},
+		{"current state", model{accept: acc("d2"), pending: true}, booted("d2"), ran, ""},
+		{"first boot", model{accept: acc(""), pending: true}, booted(""), ran, ""},
+		{"older state", model{accept: acc("d5"), pending: true}, booted("d2"), ran, RuleStale},
+		{"no state where some was confirmed", model{accept: acc("d5"), pending: true}, booted(""), ran, RuleStale},
+		{"other state", model{accept: acc("d5"), pending: true}, booted("x"), ran, RuleLost},
+		{"no boot request", model{accept: acc("d2")}, booted("d2"), ran, RuleUnprimed},
+		{"refused with a reason", model{accept: acc("d2")}, &harness.GuestRun{ExitCode: 1, Events: []protocol.Event{failed}}, refused, ""},
+		{"refused without a reason", model{accept: acc("")}, &harness.GuestRun{ExitCode: 1, Events: []protocol.Event{{Event: "failed", Layer: "svsm"}}}, refused, RuleNoReason},
+		{"killed", model{accept: acc("")}, &harness.GuestRun{ExitCode: 2}, refused, RuleNoReason},
+		{"after a power cut, the old value", model{accept: acc("d3", "d4"), pending: true}, booted("d3"), ran, ""},
+		{"after a power cut, the new value", model{accept: acc("d3", "d4"), pending: true}, booted("d4"), ran, ""},
+		{"after a power cut, older still", model{accept: acc("d3", "d4"), pending: true}, booted("d2"), ran, RuleStale},
+		{"a power cut nobody asked for", model{accept: acc("")}, &harness.GuestRun{ExitCode: -1, Events: []protocol.Event{{Event: "power-cut"}}}, powerCut, RuleNoReason},
 	} {
 		r := &runner{m: tc.m}
-		_, got, v := r.outcome(tc.run, "d9")
+		_, got, v := r.outcome(tc.run, "d9", false)
 		rule := ""
 		if v != nil {
 			rule = v.Rule
 		}
-		if got != tc.booted || rule != tc.violate {
-			t.Errorf("%s: booted %v, violation %q; want %v, %q", tc.name, got, rule, tc.booted, tc.violate)
+		if (v == nil && got != tc.end) || rule != tc.violate {
+			t.Errorf("%s: ending %v, violation %q; want %v, %q", tc.name, got, rule, tc.end, tc.violate)
 		}
 	}
 }

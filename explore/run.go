@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -38,6 +39,7 @@ const (
 	RuleBrick       = "honest-boot-refused"    // the last good state, primed, did not boot
 	RuleNoReason    = "refusal-without-reason" // a boot ended without a failed event with layer and reason
 	RuleCounterBack = "verifier-counter-went-back"
+	RuleAttackTaken = "attacked-confirmation-taken" // the guest ran on a confirmation the host forged, replayed or cut
 )
 
 // Violation is an invariant a step broke.
@@ -61,7 +63,12 @@ type Result struct {
 
 // model is what the guest and verifier may accept, from the host's actions alone.
 type model struct {
-	latest   string // NV data the last successful boot wrote ("" before the first)
+	// accept is the NV data a boot may read: what the last successful boot wrote ("" before
+	// the first), or after a power cut the old or the new value of an unreported write.
+	accept []string
+	// gen counts the boots that may have advanced the state (ran, crashed, or were attacked
+	// after the advance): a disk copy from an older generation may rightly be refused.
+	gen      int
 	disk     image
 	snaps    map[string]image
 	backup   image // the host's copy of the disk after the last good boot
@@ -73,8 +80,8 @@ type model struct {
 
 // image is what a state disk holds, as the model knows it.
 type image struct {
-	data    string // the NV data of the state on it ("" = fresh)
-	damaged bool   // wiped or corrupted since
+	gen     int  // the generation of the state on it
+	damaged bool // wiped or corrupted since
 }
 
 // Run runs steps on a fresh stack and checks each against the model. An error is a failure
@@ -109,7 +116,15 @@ func Run(ctx context.Context, o Options, steps []Step) (*Result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("explore: new VM: %w", err)
 	}
-	r := &runner{o: o, s: s, vm: vm, m: model{snaps: map[string]image{}}, res: res}
+	mitm, err := startConfirmMITM(s.Host.RunPath("explore-mitm.sock"), s.ProxySocket())
+	if err != nil {
+		return nil, fmt.Errorf("explore: MITM: %w", err)
+	}
+	defer mitm.m.Close()
+	if err := vm.SetProxySocket(mitm.m.Path()); err != nil {
+		return nil, err
+	}
+	r := &runner{o: o, s: s, vm: vm, mitm: mitm, m: model{accept: []string{""}, snaps: map[string]image{}}, res: res}
 	for i, st := range steps {
 		r.step = i + 1
 		line, v, err := r.do(ctx, st)
@@ -137,6 +152,7 @@ type runner struct {
 	o    Options
 	s    *harness.Stack
 	vm   *harness.VM
+	mitm *confirmMITM
 	m    model
 	res  *Result
 	step int
@@ -163,7 +179,19 @@ func (r *runner) do(ctx context.Context, st Step) (string, *Violation, error) {
 				return "", nil, err
 			}
 		}
-		return r.boot(ctx)
+		return r.boot(ctx, harness.BootOptions{})
+	case "crash":
+		if err := r.prime(ctx); err != nil {
+			return "", nil, err
+		}
+		return r.boot(ctx, harness.BootOptions{CrashAt: st.Arg})
+	case "mitm":
+		if err := r.prime(ctx); err != nil {
+			return "", nil, err
+		}
+		r.mitm.set(st.Arg)
+		defer r.mitm.set("")
+		return r.boot(ctx, harness.BootOptions{AttestTimeout: 10 * time.Second})
 	case "snapshot":
 		if err := r.vm.Snapshot(st.Arg); err != nil {
 			return "", nil, err
@@ -179,16 +207,16 @@ func (r *runner) do(ctx context.Context, st Step) (string, *Violation, error) {
 			return "", nil, err
 		}
 		m.disk = img
-		return fmt.Sprintf("disk holds %s", img), nil, nil
+		return "disk holds " + r.describe(img), nil, nil
 	case "recover":
-		if m.latest == "" {
+		if m.backup.gen == 0 {
 			return "no good boot yet: nothing done", nil, nil
 		}
 		if err := r.vm.Restore("good"); err != nil {
 			return "", nil, err
 		}
 		m.disk = m.backup
-		return fmt.Sprintf("disk holds %s", m.disk), nil, nil
+		return "disk holds " + r.describe(m.disk), nil, nil
 	case "wipe":
 		n, err := r.vm.StateDiskSize()
 		if err != nil {
@@ -197,7 +225,7 @@ func (r *runner) do(ctx context.Context, st Step) (string, *Violation, error) {
 		if err := r.vm.ZeroRange(0, int(n)); err != nil {
 			return "", nil, err
 		}
-		m.disk = image{data: "wiped", damaged: true}
+		m.disk.damaged = true
 		return "zeroed", nil, nil
 	case "corrupt":
 		n, err := r.vm.StateDiskSize()
@@ -232,21 +260,19 @@ func (r *runner) prime(ctx context.Context) error {
 	return nil
 }
 
-func (i image) String() string {
-	s := i.data
-	if s == "" {
-		s = "fresh state"
-	}
+// describe says how a disk copy stands against the model, for the step log.
+func (r *runner) describe(i image) string {
+	s := fmt.Sprintf("generation %d of %d", i.gen, r.m.gen)
 	if i.damaged {
-		s += " (damaged)"
+		s += ", damaged"
 	}
 	return s
 }
 
-// honest says whether the model requires the next boot to succeed: the disk holds the last
-// good state undamaged and a boot request is pending.
+// honest says whether the model requires the next boot to succeed: the disk holds the
+// current generation undamaged and a boot request is pending.
 func (m *model) honest() bool {
-	return m.pending && !m.disk.damaged && m.disk.data == m.latest
+	return m.pending && !m.disk.damaged && m.disk.gen == m.gen
 }
 
 func (r *runner) data() string {
@@ -254,75 +280,139 @@ func (r *runner) data() string {
 	return fmt.Sprintf("d%d", r.m.nextData)
 }
 
+// ending is how a boot ended.
+type ending int
+
+const (
+	ran      ending = iota // powered off after its workload
+	refused                // failed closed with a layer and a reason
+	powerCut               // cut at its crash point
+)
+
 // boot boots the VM once (without priming) and checks the outcome.
-func (r *runner) boot(ctx context.Context) (string, *Violation, error) {
+func (r *runner) boot(ctx context.Context, o harness.BootOptions) (string, *Violation, error) {
 	must := r.m.honest()
 	write := r.data()
-	run, err := r.vm.Boot(ctx, harness.BootOptions{NoPrime: true, Actions: []string{"nv-read", "nv-write=" + write}, Timeout: r.o.BootTimeout})
+	o.NoPrime, o.Actions, o.Timeout = true, []string{"nv-read", "nv-write=" + write}, r.o.BootTimeout
+	run, err := r.vm.Boot(ctx, o)
 	if err != nil {
 		return "", nil, err
 	}
-	line, booted, v := r.outcome(run, write)
+	line, end, v := r.outcome(run, write, o.CrashAt != "")
 	if v != nil {
 		return line, v, nil
 	}
-	if !booted {
-		if must {
-			return line, &Violation{Rule: RuleBrick, Detail: "the disk held the last confirmed state, a boot request was primed, and the boot was refused: " + line}, nil
-		}
-		return line, nil, r.afterRefusal(ctx)
+	attacked := r.mitm.acted() > 0
+	switch {
+	case end == ran && attacked:
+		return line, &Violation{Rule: RuleAttackTaken, Detail: "the guest booted on a confirmation the host attacked"}, nil
+	case end == ran:
+		return line, nil, r.afterBoot(write)
+	case end == powerCut:
+		return line, nil, r.afterCut(ctx, run, write)
+	case must && !attacked:
+		return line, &Violation{Rule: RuleBrick, Detail: "the disk held the current state undamaged, a boot request was primed, and the boot was refused: " + line}, nil
 	}
-	return line, nil, r.afterBoot(write)
+	return line, nil, r.afterRefusal(ctx, attacked)
 }
 
-// outcome reads a finished boot: whether it ran, and a violation if what it read or how it
+// outcome reads a finished boot: how it ended, and a violation if what it read or how it
 // ended breaks the model.
-func (r *runner) outcome(run *harness.GuestRun, wrote string) (string, bool, *Violation) {
+func (r *runner) outcome(run *harness.GuestRun, wrote string, crashing bool) (string, ending, *Violation) {
 	last := run.Last()
-	if run.ExitCode != 0 {
+	read, didRead := run.Action("nv-read", 0)
+	got := read.String("nv_data")
+	if didRead && !slices.Contains(r.m.accept, got) {
+		rule, detail := RuleLost, fmt.Sprintf("the boot read %q; the model allows %q", got, r.m.accept)
+		if r.isOlder(got) {
+			rule = RuleStale
+		}
+		return fmt.Sprintf("read %q", got), ran, &Violation{Rule: rule, Detail: detail}
+	}
+	if didRead && !r.m.pending {
+		return fmt.Sprintf("read %q", got), ran, &Violation{Rule: RuleUnprimed, Detail: "the VM ran its workload though no boot request was primed"}
+	}
+	switch {
+	case crashing && run.ExitCode == -1:
+		if _, ok := run.Find("power-cut"); !ok {
+			return "killed without a power-cut event", powerCut, &Violation{Rule: RuleNoReason, Detail: "exit -1 without the power-cut event"}
+		}
+		if didRead {
+			return fmt.Sprintf("power cut after reading %q", got), powerCut, nil
+		}
+		return "power cut", powerCut, nil
+	case run.ExitCode != 0:
 		if run.ExitCode != 1 || last.Event != "failed" || last.Layer == "" || last.Reason == "" {
-			return fmt.Sprintf("exit %d, last event %+v", run.ExitCode, last), false,
+			return fmt.Sprintf("exit %d, last event %+v", run.ExitCode, last), refused,
 				&Violation{Rule: RuleNoReason, Detail: fmt.Sprintf("exit %d, last event %q layer %q reason %q", run.ExitCode, last.Event, last.Layer, last.Reason)}
 		}
-		return fmt.Sprintf("refused: %s/%s", last.Layer, last.Reason), false, nil
-	}
-	if last.Event != "poweroff" {
-		return fmt.Sprintf("exit 0 with last event %q", last.Event), false,
+		return fmt.Sprintf("refused: %s/%s", last.Layer, last.Reason), refused, nil
+	case last.Event != "poweroff":
+		return fmt.Sprintf("exit 0 with last event %q", last.Event), refused,
 			&Violation{Rule: RuleNoReason, Detail: fmt.Sprintf("exit 0 but the last event is %q", last.Event)}
 	}
-	read, _ := run.Action("nv-read", 0)
-	got := read.String("nv_data")
 	line := fmt.Sprintf("booted: read %q, wrote %q", got, wrote)
-	switch {
-	case !r.m.pending:
-		return line, true, &Violation{Rule: RuleUnprimed, Detail: "the VM booted though no boot request was primed"}
-	case got != r.m.latest && r.isOlder(got):
-		return line, true, &Violation{Rule: RuleStale, Detail: fmt.Sprintf("the boot read %q, but %q was confirmed later", got, r.m.latest)}
-	case got != r.m.latest:
-		return line, true, &Violation{Rule: RuleLost, Detail: fmt.Sprintf("the boot read %q; the last confirmed boot wrote %q", got, r.m.latest)}
+	if w, ok := run.Action("nv-write", 0); !didRead || !ok || w.String("nv_data") != wrote {
+		return line, ran, &Violation{Rule: RuleNoReason, Detail: "the boot powered off without performing its workload"}
 	}
-	if w, ok := run.Action("nv-write", 0); !ok || w.String("nv_data") != wrote {
-		return line, true, &Violation{Rule: RuleNoReason, Detail: "the boot powered off without performing its nv-write"}
-	}
-	return line, true, nil
+	return line, ran, nil
 }
 
-// isOlder: data written by an earlier step than the latest.
+// isOlder: no state at all, or data written by an earlier step than anything the model allows.
 func (r *runner) isOlder(data string) bool {
-	n, err1 := strconv.Atoi(strings.TrimPrefix(data, "d"))
-	l, err2 := strconv.Atoi(strings.TrimPrefix(r.m.latest, "d"))
-	return data == "" || (err1 == nil && err2 == nil && n < l)
+	if data == "" {
+		return true
+	}
+	n, err := strconv.Atoi(strings.TrimPrefix(data, "d"))
+	if err != nil {
+		return false
+	}
+	for _, a := range r.m.accept {
+		if l, err := strconv.Atoi(strings.TrimPrefix(a, "d")); err == nil && l <= n {
+			return false
+		}
+	}
+	return true
 }
 
-// afterBoot: the model's state after a successful boot wrote data; the host keeps a backup.
+// afterBoot: a successful boot wrote data; the disk is the new generation, the host keeps a
+// backup of it.
 func (r *runner) afterBoot(data string) error {
-	r.m.latest, r.m.disk, r.m.backup, r.m.pending = data, image{data: data}, image{data: data}, false
+	m := &r.m
+	m.gen++
+	m.accept, m.disk, m.backup, m.pending = []string{data}, image{gen: m.gen}, image{gen: m.gen}, false
 	return r.vm.Snapshot("good")
 }
 
-// afterRefusal: whether the boot request survived depends on where the refusal came (a
-// release consumes it); the verifier says.
-func (r *runner) afterRefusal(ctx context.Context) error {
+// afterCut: the power went at a write point. A write the guest reported (its action result
+// printed) must survive; an unreported one may be there or not. The disk on which it
+// happened is the new generation (the next honest boot from it must work); every copy,
+// the backup included, may now be behind the verifier.
+func (r *runner) afterCut(ctx context.Context, run *harness.GuestRun, wrote string) error {
+	m := &r.m
+	if _, reported := run.Action("nv-write", 0); reported {
+		m.accept = []string{wrote}
+	} else if read, ok := run.Action("nv-read", 0); ok {
+		m.accept = []string{read.String("nv_data"), wrote} // what it ran on, or its write
+	}
+	m.gen++
+	m.disk = image{gen: m.gen}
+	return r.observePending(ctx)
+}
+
+// afterRefusal: a refused boot changed nothing the model tracks, unless the host attacked its
+// confirmation: then the guest may have advanced its disk first, and older copies may be
+// behind the verifier. Whether the boot request survived depends on where the refusal came
+// (a release consumes it); the verifier says.
+func (r *runner) afterRefusal(ctx context.Context, attacked bool) error {
+	if attacked {
+		r.m.gen++
+		r.m.disk.gen = r.m.gen
+	}
+	return r.observePending(ctx)
+}
+
+func (r *runner) observePending(ctx context.Context) error {
 	v, err := r.vm.View(ctx)
 	if err != nil {
 		return err
@@ -360,12 +450,12 @@ func (r *runner) clone(ctx context.Context) (string, *Violation, error) {
 	var lines []string
 	winner := -1
 	for i, run := range runs {
-		line, booted, v := r.outcome(run, writes[i])
+		line, end, v := r.outcome(run, writes[i], false)
 		lines = append(lines, []string{"original", "clone"}[i]+" "+line)
 		if v != nil {
 			return strings.Join(lines, "; "), v, nil
 		}
-		if booted {
+		if end == ran {
 			if winner >= 0 {
 				return strings.Join(lines, "; "), &Violation{Rule: RuleTwoKeys, Detail: "both instances booted on one boot request"}, nil
 			}
@@ -375,9 +465,9 @@ func (r *runner) clone(ctx context.Context) (string, *Violation, error) {
 	line := strings.Join(lines, "; ")
 	if winner < 0 {
 		if must {
-			return line, &Violation{Rule: RuleBrick, Detail: "neither instance booted from the last confirmed state on a primed request"}, nil
+			return line, &Violation{Rule: RuleBrick, Detail: "neither instance booted from the current state on a primed request"}, nil
 		}
-		return line, nil, r.afterRefusal(ctx)
+		return line, nil, r.afterRefusal(ctx, false)
 	}
 	// The host keeps the instance that runs: the winner's disk becomes the VM's.
 	if winner == 1 {

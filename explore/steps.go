@@ -11,6 +11,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/svsm-e2e/svsm-e2e/internal/crashpoint"
 )
 
 // A Step is one host action. Its text form is the op, then its argument after a space
@@ -40,6 +42,37 @@ var opDocs = map[string]string{
 	"clone":            "copy the disk into a second instance; prime once; boot both at once; keep the winner's disk",
 	"restart-verifier": "kill -9 the verifier and start it again on its database",
 	"restart-proxy":    "kill -9 the proxy and start it again",
+	"crash":            "prime and boot, cutting the power at a registered guest write point (NAME or NAME:torn)",
+	"mitm":             "prime and boot with the confirmation attacked (" + strings.Join(mitmKindNames(), ", ") + ")",
+}
+
+// crashPrefixes are the guest write points a default-mode VM without Secure Boot or LUKS
+// passes on an ordinary boot (the others need another VM kind; the crash suite covers them).
+var crashPrefixes = []string{"guest/state/advance/", "guest/state/mirror/", "guest/state/tpm-nv/", "guest/state/power-off/", "guest/confirm/advance/"}
+
+// crashPoints lists the explorer's crash specs, torn variants included.
+func crashPoints() []string {
+	var out []string
+	for _, p := range crashpoint.Of("guest") {
+		for _, pre := range crashPrefixes {
+			if strings.HasPrefix(p.Name, pre) {
+				out = append(out, p.Name)
+				if p.Tearable {
+					out = append(out, p.Name+":torn")
+				}
+			}
+		}
+	}
+	return out
+}
+
+func mitmKindNames() []string {
+	out := make([]string, 0, len(mitmKinds))
+	for k := range mitmKinds {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
 }
 
 // Ops lists the known ops with their description, sorted by name.
@@ -92,6 +125,14 @@ func (s Step) check() error {
 		if _, err := strconv.ParseUint(s.Arg, 10, 31); err != nil {
 			return fmt.Errorf("the offset: %w", err)
 		}
+	case "crash":
+		if !slices.Contains(crashPoints(), s.Arg) {
+			return fmt.Errorf("not a crash point of the explorer's VM (svsm-e2e crash-points; prefixes %s)", strings.Join(crashPrefixes, " "))
+		}
+	case "mitm":
+		if _, ok := mitmKinds[s.Arg]; !ok {
+			return fmt.Errorf("the attack is one of %s", strings.Join(mitmKindNames(), ", "))
+		}
 	default:
 		if s.Arg != "" {
 			return errors.New("takes no argument")
@@ -126,6 +167,7 @@ var weights = []struct {
 }{
 	{"boot", 30}, {"boot-unprimed", 5}, {"prime", 4}, {"snapshot", 14}, {"restore", 12},
 	{"recover", 5}, {"wipe", 2}, {"corrupt", 4}, {"clone", 7}, {"restart-verifier", 4}, {"restart-proxy", 3},
+	{"crash", 8}, {"mitm", 6},
 }
 
 // Generate draws n steps from r. The first step is a boot (the VM's first boot). The draw is
@@ -169,9 +211,15 @@ func Generate(r *rand.Rand, n int) []Step {
 			s.Arg = labels[r.IntN(len(labels))]
 		case "corrupt":
 			s.Arg = strconv.Itoa(r.IntN(1 << 20))
+		case "crash":
+			points := crashPoints()
+			s.Arg = points[r.IntN(len(points))]
+		case "mitm":
+			kinds := mitmKindNames()
+			s.Arg = kinds[r.IntN(len(kinds))]
 		}
 		switch s.Op {
-		case "restore", "wipe", "corrupt", "recover":
+		case "restore", "wipe", "corrupt", "recover", "crash", "mitm":
 			tampered = true
 		case "boot", "boot-unprimed", "clone":
 			tampered = false

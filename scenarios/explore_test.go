@@ -76,4 +76,17 @@ var _ = Describe("Explorer", Label("backend:process", "explore", "attack"), func
 		Expect(res.Log[1]).To(SatisfyAll(ContainSubstring("booted"), ContainSubstring("refused")))
 		Expect(res.Log[2]).To(ContainSubstring("booted"), "the host kept the winner's disk")
 	})
+
+	It("attacks on the confirmation and a power cut: each boot fails closed or keeps its data, and the next honest boot works", func() {
+		res := replay("boot;mitm forge;boot;mitm replace;boot;crash guest/state/power-off/write;boot;crash guest/confirm/advance/answered;boot")
+		Expect(res.Violation).To(BeNil(), "%s", strings.Join(res.Log, "\n"))
+		Expect(res.Log[1]).To(ContainSubstring("refused: svsm/confirm-unauthenticated"))
+		Expect(res.Log[2]).To(ContainSubstring(`booted: read "d1"`), "the forged boot ran nothing")
+		Expect(res.Log[3]).To(ContainSubstring("refused: svsm/confirm-unauthenticated"))
+		Expect(res.Log[4]).To(ContainSubstring(`booted: read "d3"`))
+		Expect(res.Log[5]).To(ContainSubstring("power cut"))
+		Expect(res.Log[6]).To(ContainSubstring(`booted: read "d6"`), "the write reported before the power-off write survived")
+		Expect(res.Log[7]).To(ContainSubstring("power cut"))
+		Expect(res.Log[8]).To(ContainSubstring(`booted: read "d7"`))
+	})
 })
