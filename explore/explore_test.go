@@ -121,6 +121,8 @@ func TestOutcome(t *testing.T) {
 		{"killed", model{accept: acc("")}, &harness.GuestRun{ExitCode: 2}, refused, RuleNoReason},
 		{"after a power cut, the old value", model{accept: acc("d3", "d4"), pending: true}, booted("d3"), ran, ""},
 		{"after a power cut, the new value", model{accept: acc("d3", "d4"), pending: true}, booted("d4"), ran, ""},
+		{"default mode's known limitation", model{accept: acc("d5"), limited: acc("d3"), pending: true}, booted("d3"), ran, ""},
+		{"older than the limitation allows", model{accept: acc("d5"), limited: acc("d3"), pending: true}, booted("d1"), ran, RuleStale},
 		{"after a power cut, older still", model{accept: acc("d3", "d4"), pending: true}, booted("d2"), ran, RuleStale},
 		{"a power cut nobody asked for", model{accept: acc("")}, &harness.GuestRun{ExitCode: -1, Events: []protocol.Event{{Event: "power-cut"}}}, powerCut, RuleNoReason},
 	} {

@@ -302,8 +302,9 @@ func (b *QEMUBackend) Start(ctx context.Context, vm *VM, o GuestOptions) (Instan
 }
 
 // qemuExitCode maps a VM boot's end onto svsm-guest's exit status: 0 after a clean
-// poweroff/reboot event, 1 after a "failed" event, -1 when QEMU was killed (power cut),
-// 2 when the guest ended without either (a crash of the guest kernel or init).
+// poweroff/reboot event, 1 after a "failed" event, -1 when QEMU was killed or the guest cut
+// its own power at a crash point (its last event "power-cut", as the process backend's
+// killed process), 2 when the guest ended without either (a crash of the guest kernel or init).
 func qemuExitCode(evs []protocol.Event, qerr error) int {
 	if qerr != nil {
 		return -1
@@ -313,6 +314,8 @@ func qemuExitCode(evs []protocol.Event, qerr error) int {
 		return 0
 	case "failed":
 		return 1
+	case "power-cut":
+		return -1
 	}
 	return 2
 }

@@ -5,8 +5,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -21,7 +23,7 @@ var errFinding = errors.New("an invariant broke (see above)")
 
 func exploreCmd() *cobra.Command {
 	var seed uint64
-	var budget, replay, workdir, binDir string
+	var budget, replay, workdir, binDir, backend, qemuBin string
 	var keep, listOps bool
 	cmd := &cobra.Command{
 		Use:   "explore",
@@ -59,6 +61,21 @@ artifact bundle is kept. --replay runs one given sequence.`,
 			o := explore.Options{Binaries: bins, CADir: caDir, WorkRoot: workdir, Keep: keep}
 			ctx, stop := daemon.SignalContext()
 			defer stop()
+			switch backend {
+			case "process":
+			case "qemu":
+				if qemuBin == "" {
+					qemuBin = os.Getenv(harness.EnvQEMU)
+				}
+				q, err := harness.NewQEMUBackend(ctx, harness.QEMUOptions{Guest: bins.Guest, Binary: qemuBin})
+				if err != nil {
+					return fmt.Errorf("qemu backend: %w", err)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "explore: %s: %s\n", q.Caps.Binary, q.Choice.Reason)
+				o.Backend, o.BootTimeout = q, 5*time.Minute
+			default:
+				return fmt.Errorf("--backend %q: want process or qemu", backend)
+			}
 			out := cmd.OutOrStdout()
 			if replay != "" {
 				steps, err := explore.Parse(replay)
@@ -105,6 +122,8 @@ artifact bundle is kept. --replay runs one given sequence.`,
 	cmd.Flags().StringVar(&binDir, "bin-dir", "", "where the binaries are (default: beside svsm-e2e, then PATH)")
 	cmd.Flags().BoolVar(&keep, "keep", false, "keep every run's bundle, not only a failing one")
 	cmd.Flags().BoolVar(&listOps, "ops", false, "list the host actions and exit")
+	cmd.Flags().StringVar(&backend, "backend", "process", "process (embedded) or qemu (real VMs; slow under TCG: use short budgets)")
+	cmd.Flags().StringVar(&qemuBin, "qemu", "", "QEMU binary for --backend qemu (default $"+harness.EnvQEMU+", then the system's)")
 	return cmd
 }
 
