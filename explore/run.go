@@ -28,7 +28,7 @@ type Options struct {
 	BootTimeout time.Duration
 	// Backend runs the VMs (default: svsm-guest as a process).
 	Backend harness.Backend
-	Logger      *slog.Logger
+	Logger  *slog.Logger
 }
 
 // The invariants, as named in a Violation.
