@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/svsm-e2e/svsm-e2e/harness"
+	"github.com/svsm-e2e/svsm-e2e/verifier"
 )
 
 // Options say where and with what a sequence runs.
@@ -42,6 +43,7 @@ const (
 	RuleNoReason    = "refusal-without-reason" // a boot ended without a failed event with layer and reason
 	RuleCounterBack = "verifier-counter-went-back"
 	RuleAttackTaken = "attacked-confirmation-taken" // the guest ran on a confirmation the host forged, replayed or cut
+	RuleNoAudit     = "refusal-without-audit"       // the verifier refused a release and its audit does not say so
 )
 
 // Violation is an invariant a step broke.
@@ -302,11 +304,21 @@ func (r *runner) boot(ctx context.Context, o harness.BootOptions) (string, *Viol
 	must := r.m.honest()
 	write := r.data()
 	o.NoPrime, o.Actions, o.Timeout = true, []string{"nv-read", "nv-write=" + write}, r.o.BootTimeout
+	mark, err := r.auditLen(ctx)
+	if err != nil {
+		return "", nil, err
+	}
 	run, err := r.vm.Boot(ctx, o)
 	if err != nil {
 		return "", nil, err
 	}
 	line, end, v := r.outcome(run, write, o.CrashAt != "")
+	if v == nil {
+		v, err = r.checkAudit(ctx, mark, run)
+		if err != nil {
+			return "", nil, err
+		}
+	}
 	if v != nil {
 		return line, v, nil
 	}
@@ -446,6 +458,10 @@ func (r *runner) clone(ctx context.Context) (string, *Violation, error) {
 	}
 	must := r.m.honest()
 	writes := []string{r.data(), r.data()}
+	mark, err := r.auditLen(ctx)
+	if err != nil {
+		return "", nil, err
+	}
 	vms := []*harness.VM{r.vm, c}
 	runs := make([]*harness.GuestRun, 2)
 	errs := make([]error, 2)
@@ -477,6 +493,9 @@ func (r *runner) clone(ctx context.Context) (string, *Violation, error) {
 		}
 	}
 	line := strings.Join(lines, "; ")
+	if v, err := r.checkAudit(ctx, mark, runs...); err != nil || v != nil {
+		return line, v, err
+	}
 	if winner < 0 {
 		if must {
 			return line, &Violation{Rule: RuleBrick, Detail: "neither instance booted from the current state on a primed request"}, nil
@@ -490,6 +509,35 @@ func (r *runner) clone(ctx context.Context) (string, *Violation, error) {
 		}
 	}
 	return line, nil, r.afterBoot(runs[winner], writes[winner])
+}
+
+func (r *runner) auditLen(ctx context.Context) (int, error) {
+	evs, err := r.s.Audit(ctx, r.vm.Registration)
+	return len(evs), err
+}
+
+// checkAudit: a boot the verifier refused (the guest's reason attestation-failed) has a
+// refusal with a reason in the verifier's audit since mark.
+func (r *runner) checkAudit(ctx context.Context, mark int, runs ...*harness.GuestRun) (*Violation, error) {
+	refused := false
+	for _, run := range runs {
+		if l := run.Last(); run.ExitCode == 1 && l.Reason == "attestation-failed" {
+			refused = true
+		}
+	}
+	if !refused {
+		return nil, nil
+	}
+	evs, err := r.s.Audit(ctx, r.vm.Registration)
+	if err != nil {
+		return nil, err
+	}
+	for _, e := range evs[min(mark, len(evs)):] {
+		if e.Outcome == verifier.Deny && e.Reason != "" {
+			return nil, nil
+		}
+	}
+	return &Violation{Rule: RuleNoAudit, Detail: "the guest was refused a release and the verifier's audit has no refusal with a reason"}, nil
 }
 
 // checkVerifier: after every step, the verifier never released more keys than boot requests
