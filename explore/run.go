@@ -29,7 +29,10 @@ type Options struct {
 	BootTimeout time.Duration
 	// Backend runs the VMs (default: svsm-guest as a process).
 	Backend harness.Backend
-	Logger  *slog.Logger
+	// WriteThrough runs the VM in write-through mode: every runtime write is confirmed, so
+	// the default mode's rollback within a boot is not tolerated by the model.
+	WriteThrough bool
+	Logger       *slog.Logger
 }
 
 // The invariants, as named in a Violation.
@@ -122,7 +125,7 @@ func Run(ctx context.Context, o Options, steps []Step) (*Result, error) {
 			_ = os.RemoveAll(dir)
 		}
 	}()
-	vm, err := s.NewVM(ctx, harness.VMOptions{Name: "vm", DataDiskMiB: -1, NoSecureBoot: true})
+	vm, err := s.NewVM(ctx, harness.VMOptions{Name: "vm", DataDiskMiB: -1, NoSecureBoot: true, WriteThrough: o.WriteThrough})
 	if err != nil {
 		return nil, fmt.Errorf("explore: new VM: %w", err)
 	}
@@ -404,8 +407,11 @@ func (r *runner) isOlder(data string) bool {
 func (r *runner) afterBoot(run *harness.GuestRun, data string) error {
 	m := &r.m
 	m.gen++
-	read, _ := run.Action("nv-read", 0)
-	m.limited = []string{read.String("nv_data")}
+	m.limited = nil
+	if !r.o.WriteThrough {
+		read, _ := run.Action("nv-read", 0)
+		m.limited = []string{read.String("nv_data")}
+	}
 	m.accept, m.disk, m.backup, m.pending = []string{data}, image{gen: m.gen}, image{gen: m.gen}, false
 	return r.vm.Snapshot("good")
 }

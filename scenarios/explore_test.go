@@ -64,6 +64,23 @@ var _ = Describe("Explorer", Label("backend:process", "explore", "attack"), func
 		}
 	})
 
+	It("in write-through mode, a fixed seed and the fresh one break no invariant (no rollback within a boot tolerated)", func() {
+		o := exploreOptions()
+		o.WriteThrough = true
+		var b [8]byte
+		_, _ = rand.Read(b[:])
+		fresh := binary.LittleEndian.Uint64(b[:]) >> 1
+		AddReportEntry("fresh write-through explorer seed", fresh)
+		for _, seed := range []uint64{4, fresh} {
+			rep, err := explore.Explore(ctx(), o, seed, explore.Budget{Steps: 200}, func(l string) { fmt.Fprintf(GinkgoWriter, "explorer write-through seed %d: %s\n", seed, l) })
+			Expect(err).NotTo(HaveOccurred(), "seed %d", seed)
+			if rep.Found != nil {
+				Fail(fmt.Sprintf("write-through seed %d: %s\n%s\nreplay: svsm-e2e explore --write-through --replay '%s'\nartifacts: %s", seed, rep.Found.Violation,
+					strings.Join(rep.Found.Log, "\n"), explore.Format(rep.Found.Steps), rep.Found.Dir))
+			}
+		}
+	})
+
 	It("a replayed rollback is refused by the guest and the verifier's counter holds", func() {
 		res := replay("boot;snapshot a;boot;restore a;boot;recover;boot")
 		Expect(res.Violation).To(BeNil(), "%s", strings.Join(res.Log, "\n"))
@@ -106,6 +123,21 @@ var _ = Describe("Explorer finding: a disk copied after a failed boot's advance"
 			Expect(res.Log[3]).To(ContainSubstring(`booted: read "d1", wrote "d3"`))
 			Expect(res.Log[5]).To(ContainSubstring(`booted: read "d1"`), "the boot after the restore ran on the data from before d3")
 			Expect(res.Log[5]).To(ContainSubstring("known-limitation"))
+		},
+		Entry("after a power cut before the confirmation", "crash guest/state/advance/synced"),
+		Entry("after a forged confirmation answer", "mitm forge"),
+	)
+
+	DescribeTable("is refused in write-through mode, where the next boot's write is confirmed",
+		func(failed string) {
+			steps, err := explore.Parse("boot;" + failed + ";snapshot a;boot;restore a;boot")
+			Expect(err).NotTo(HaveOccurred())
+			o := exploreOptions()
+			o.WriteThrough = true
+			res, err := explore.Run(ctx(), o, steps)
+			Expect(err).NotTo(HaveOccurred())
+			Expect(res.Violation).To(BeNil(), "%s", strings.Join(res.Log, "\n"))
+			Expect(res.Log[5]).To(ContainSubstring("refused: svsm/stale-state"), "%s", strings.Join(res.Log, "\n"))
 		},
 		Entry("after a power cut before the confirmation", "crash guest/state/advance/synced"),
 		Entry("after a forged confirmation answer", "mitm forge"),

@@ -24,7 +24,7 @@ var errFinding = errors.New("an invariant broke (see above)")
 func exploreCmd() *cobra.Command {
 	var seed uint64
 	var budget, replay, workdir, binDir, backend, qemuBin string
-	var keep, listOps bool
+	var keep, listOps, writeThrough bool
 	cmd := &cobra.Command{
 		Use:   "explore",
 		Short: "Run random sequences of host actions against a real stack and check each step against the reference model",
@@ -58,7 +58,7 @@ artifact bundle is kept. --replay runs one given sequence.`,
 			if _, err := fakesnp.LoadOrCreateCA(fakesnp.CAOptions{Dir: caDir}); err != nil {
 				return fmt.Errorf("fake AMD chain: %w", err)
 			}
-			o := explore.Options{Binaries: bins, CADir: caDir, WorkRoot: workdir, Keep: keep}
+			o := explore.Options{Binaries: bins, CADir: caDir, WorkRoot: workdir, Keep: keep, WriteThrough: writeThrough}
 			ctx, stop := daemon.SignalContext()
 			defer stop()
 			switch backend {
@@ -122,6 +122,7 @@ artifact bundle is kept. --replay runs one given sequence.`,
 	cmd.Flags().StringVar(&binDir, "bin-dir", "", "where the binaries are (default: beside svsm-e2e, then PATH)")
 	cmd.Flags().BoolVar(&keep, "keep", false, "keep every run's bundle, not only a failing one")
 	cmd.Flags().BoolVar(&listOps, "ops", false, "list the host actions and exit")
+	cmd.Flags().BoolVar(&writeThrough, "write-through", false, "the VM confirms every runtime write (the model then tolerates no rollback within a boot)")
 	cmd.Flags().StringVar(&backend, "backend", "process", "process (embedded) or qemu (real VMs; slow under TCG: use short budgets)")
 	cmd.Flags().StringVar(&qemuBin, "qemu", "", "QEMU binary for --backend qemu (default $"+harness.EnvQEMU+", then the system's)")
 	return cmd
