@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/svsm-e2e/svsm-e2e/fakesnp"
 	"github.com/svsm-e2e/svsm-e2e/harness"
 	"github.com/svsm-e2e/svsm-e2e/verifier"
 )
@@ -47,6 +48,7 @@ const (
 	RuleCounterBack = "verifier-counter-went-back"
 	RuleAttackTaken = "attacked-confirmation-taken" // the guest ran on a confirmation the host forged, replayed or cut
 	RuleNoAudit     = "refusal-without-audit"       // the verifier refused a release and its audit does not say so
+	RuleWrongLaunch = "wrong-launch-accepted"       // a VM launched other than registered ran
 )
 
 // Violation is an invariant a step broke.
@@ -89,6 +91,8 @@ type model struct {
 	primes   uint64
 	counter  uint64 // verifier counter seen after the last step
 	nextData int
+	// badLaunch names how the VM is launched other than registered ("" = as registered).
+	badLaunch string
 }
 
 // image is what a state disk holds, as the model knows it.
@@ -254,6 +258,27 @@ func (r *runner) do(ctx context.Context, st Step) (string, *Violation, error) {
 		return fmt.Sprintf("byte %d flipped", off), nil, nil
 	case "clone":
 		return r.clone(ctx)
+	case "relaunch":
+		orig := r.vm.Measurement
+		err := r.vm.Relaunch(ctx, func(l *fakesnp.LaunchSpec) {
+			l.Measurement = append([]byte(nil), orig...)
+			switch st.Arg {
+			case "measurement":
+				l.Measurement[0] ^= 1
+			case "debug":
+				l.Policy = fakesnp.DefaultPolicy | fakesnp.PolicyDebug
+			case "other-chip":
+				l.Faults.SignWithChip = "chip-other"
+			}
+		})
+		if err != nil {
+			return "", nil, err
+		}
+		m.badLaunch = st.Arg
+		if st.Arg == "original" {
+			m.badLaunch = ""
+		}
+		return "launched: " + st.Arg, nil, nil
 	case "restart-verifier":
 		r.s.Host.KillVerifier()
 		return "restarted", nil, r.s.RestartVerifier(ctx)
@@ -285,7 +310,7 @@ func (r *runner) describe(i image) string {
 // honest says whether the model requires the next boot to succeed: the disk holds the
 // current generation undamaged and a boot request is pending.
 func (m *model) honest() bool {
-	return m.pending && !m.disk.damaged && m.disk.gen == m.gen
+	return m.pending && !m.disk.damaged && m.disk.gen == m.gen && m.badLaunch == ""
 }
 
 func (r *runner) data() string {
@@ -327,6 +352,8 @@ func (r *runner) boot(ctx context.Context, o harness.BootOptions) (string, *Viol
 	}
 	attacked := r.mitm.acted() > 0
 	switch {
+	case end == ran && r.m.badLaunch != "":
+		return line, &Violation{Rule: RuleWrongLaunch, Detail: "the VM ran though launched with " + r.m.badLaunch + " changed"}, nil
 	case end == ran && attacked:
 		return line, &Violation{Rule: RuleAttackTaken, Detail: "the guest booted on a confirmation the host attacked"}, nil
 	case end == ran:
@@ -491,6 +518,9 @@ func (r *runner) clone(ctx context.Context) (string, *Violation, error) {
 		if v != nil {
 			return strings.Join(lines, "; "), v, nil
 		}
+		if end == ran && r.m.badLaunch != "" {
+			return strings.Join(lines, "; "), &Violation{Rule: RuleWrongLaunch, Detail: "an instance ran though launched with " + r.m.badLaunch + " changed"}, nil
+		}
 		if end == ran {
 			if winner >= 0 {
 				return strings.Join(lines, "; "), &Violation{Rule: RuleTwoKeys, Detail: "both instances booted on one boot request"}, nil
@@ -518,7 +548,7 @@ func (r *runner) clone(ctx context.Context) (string, *Violation, error) {
 }
 
 func (r *runner) auditLen(ctx context.Context) (int, error) {
-	evs, err := r.s.Audit(ctx, r.vm.Registration)
+	evs, err := r.s.Audit(ctx, "") // attest refusals may come before the VM is known
 	return len(evs), err
 }
 
@@ -534,7 +564,7 @@ func (r *runner) checkAudit(ctx context.Context, mark int, runs ...*harness.Gues
 	if !refused {
 		return nil, nil
 	}
-	evs, err := r.s.Audit(ctx, r.vm.Registration)
+	evs, err := r.s.Audit(ctx, "")
 	if err != nil {
 		return nil, err
 	}

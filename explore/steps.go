@@ -44,7 +44,12 @@ var opDocs = map[string]string{
 	"restart-proxy":    "kill -9 the proxy and start it again",
 	"crash":            "prime and boot, cutting the power at a registered guest write point (NAME or NAME:torn)",
 	"mitm":             "prime and boot with the confirmation attacked (" + strings.Join(mitmKindNames(), ", ") + ")",
+	"relaunch":         "launch the VM differently at fakesnp (" + strings.Join(relaunchKinds, ", ") + "); original launches it as registered again",
 }
+
+// relaunchKinds: other image (measurement), debug policy, reports signed by another chip,
+// or back to the registered launch.
+var relaunchKinds = []string{"measurement", "debug", "other-chip", "original"}
 
 // crashPrefixes are the guest write points a default-mode VM without Secure Boot or LUKS
 // passes on an ordinary boot (the others need another VM kind; the crash suite covers them).
@@ -133,6 +138,10 @@ func (s Step) check() error {
 		if _, ok := mitmKinds[s.Arg]; !ok {
 			return fmt.Errorf("the attack is one of %s", strings.Join(mitmKindNames(), ", "))
 		}
+	case "relaunch":
+		if !slices.Contains(relaunchKinds, s.Arg) {
+			return fmt.Errorf("the launch is one of %s", strings.Join(relaunchKinds, ", "))
+		}
 	default:
 		if s.Arg != "" {
 			return errors.New("takes no argument")
@@ -167,7 +176,7 @@ var weights = []struct {
 }{
 	{"boot", 30}, {"boot-unprimed", 5}, {"prime", 4}, {"snapshot", 14}, {"restore", 12},
 	{"recover", 5}, {"wipe", 2}, {"corrupt", 4}, {"clone", 7}, {"restart-verifier", 4}, {"restart-proxy", 3},
-	{"crash", 8}, {"mitm", 6},
+	{"crash", 8}, {"mitm", 6}, {"relaunch", 4},
 }
 
 // Generate draws n steps from r. The first step is a boot (the VM's first boot). The draw is
@@ -217,9 +226,15 @@ func Generate(r *rand.Rand, n int) []Step {
 		case "mitm":
 			kinds := mitmKindNames()
 			s.Arg = kinds[r.IntN(len(kinds))]
+		case "relaunch":
+			// Half the relaunches go back to the registered launch, so bad launches end.
+			s.Arg = "original"
+			if r.IntN(2) == 0 {
+				s.Arg = relaunchKinds[r.IntN(len(relaunchKinds)-1)]
+			}
 		}
 		switch s.Op {
-		case "restore", "wipe", "corrupt", "recover", "crash", "mitm":
+		case "restore", "wipe", "corrupt", "recover", "crash", "mitm", "relaunch":
 			tampered = true
 		case "boot", "boot-unprimed", "clone":
 			tampered = false

@@ -95,6 +95,15 @@ var _ = Describe("Explorer", Label("backend:process", "explore", "attack"), func
 		Expect(res.Log[2]).To(ContainSubstring("booted"), "the host kept the winner's disk")
 	})
 
+	It("a VM launched other than registered is refused, its clone too, until it is launched as registered", func() {
+		res := replay("boot;relaunch measurement;boot;relaunch debug;clone;relaunch other-chip;boot;relaunch original;boot")
+		Expect(res.Violation).To(BeNil(), "%s", strings.Join(res.Log, "\n"))
+		Expect(res.Log[2]).To(ContainSubstring("refused: svsm/attestation-failed"))
+		Expect(res.Log[4]).To(SatisfyAll(ContainSubstring("original refused"), ContainSubstring("clone refused")))
+		Expect(res.Log[6]).To(ContainSubstring("refused: svsm/attestation-failed"))
+		Expect(res.Log[8]).To(ContainSubstring(`booted: read "d1"`))
+	})
+
 	It("attacks on the confirmation and a power cut: each boot fails closed or keeps its data, and the next honest boot works", func() {
 		res := replay("boot;mitm forge;boot;mitm replace;boot;crash guest/state/power-off/write;boot;crash guest/confirm/advance/answered;boot")
 		Expect(res.Violation).To(BeNil(), "%s", strings.Join(res.Log, "\n"))
