@@ -166,13 +166,16 @@ func Run(ctx context.Context, o Options, steps []Step) (*Result, error) {
 }
 
 type runner struct {
-	o    Options
-	s    *harness.Stack
-	vm   *harness.VM
-	mitm *confirmMITM
-	m    model
-	res  *Result
-	step int
+	// serviceCrash: the current step crashes the verifier or proxy on purpose, so a refusal
+	// is expected and the dying service may not have audited it.
+	serviceCrash bool
+	o            Options
+	s            *harness.Stack
+	vm           *harness.VM
+	mitm         *confirmMITM
+	m            model
+	res          *Result
+	step         int
 }
 
 func (r *runner) do(ctx context.Context, st Step) (string, *Violation, error) {
@@ -258,6 +261,8 @@ func (r *runner) do(ctx context.Context, st Step) (string, *Violation, error) {
 		return fmt.Sprintf("byte %d flipped", off), nil, nil
 	case "clone":
 		return r.clone(ctx)
+	case "crash-service":
+		return r.crashService(ctx, st.Arg)
 	case "relaunch":
 		orig := r.vm.Measurement
 		err := r.vm.Relaunch(ctx, func(l *fakesnp.LaunchSpec) {
@@ -329,7 +334,7 @@ const (
 
 // boot boots the VM once (without priming) and checks the outcome.
 func (r *runner) boot(ctx context.Context, o harness.BootOptions) (string, *Violation, error) {
-	must := r.m.honest()
+	must := r.m.honest() && !r.serviceCrash
 	write := r.data()
 	o.NoPrime, o.Actions, o.Timeout = true, []string{"nv-read", "nv-write=" + write}, r.o.BootTimeout
 	mark, err := r.auditLen(ctx)
@@ -341,7 +346,7 @@ func (r *runner) boot(ctx context.Context, o harness.BootOptions) (string, *Viol
 		return "", nil, err
 	}
 	line, end, v := r.outcome(run, write, o.CrashAt != "")
-	if v == nil {
+	if v == nil && !r.serviceCrash {
 		v, err = r.checkAudit(ctx, mark, run)
 		if err != nil {
 			return "", nil, err
@@ -363,7 +368,47 @@ func (r *runner) boot(ctx context.Context, o harness.BootOptions) (string, *Viol
 	case must && !attacked:
 		return line, &Violation{Rule: RuleBrick, Detail: "the disk held the current state undamaged, a boot request was primed, and the boot was refused: " + line}, nil
 	}
-	return line, nil, r.afterRefusal(ctx, attacked)
+	return line, nil, r.afterRefusal(ctx, attacked || r.serviceCrash)
+}
+
+// crashService restarts the verifier or the proxy to die at point, primes and boots (the
+// prime may itself be the point), then restarts the service normally. The boot may be
+// refused; a committed step whose answer was lost may have consumed the request or moved
+// the counter, so the disk becomes a new generation as after an attacked confirmation.
+func (r *runner) crashService(ctx context.Context, point string) (string, *Violation, error) {
+	restart := r.s.Host.RestartVerifierCrashingAt
+	if strings.HasPrefix(point, "proxy/") {
+		restart = r.s.Host.RestartProxyCrashingAt
+	}
+	if err := restart(ctx, point); err != nil {
+		return "", nil, err
+	}
+	r.serviceCrash = true
+	defer func() { r.serviceCrash = false }()
+	var line string
+	var v *Violation
+	if err := r.vm.Prime(ctx); err != nil {
+		// The prime was the point: committed or not, it counts as one request at most.
+		r.m.primes++
+		r.m.pending = true
+		line = "the prime died with the service"
+	} else {
+		r.m.primes++
+		r.m.pending = true
+		var err error
+		if line, v, err = r.boot(ctx, harness.BootOptions{AttestTimeout: 10 * time.Second}); err != nil {
+			return "", nil, err
+		}
+	}
+	if err := restart(ctx, ""); err != nil {
+		return line, v, err
+	}
+	if v == nil {
+		if err := r.observePending(ctx); err != nil {
+			return line, nil, err
+		}
+	}
+	return line + "; restarted", v, nil
 }
 
 // outcome reads a finished boot: how it ended, and a violation if what it read or how it
@@ -464,9 +509,14 @@ func (r *runner) afterCut(ctx context.Context, run *harness.GuestRun, wrote stri
 // behind the verifier. Whether the boot request survived depends on where the refusal came
 // (a release consumes it); the verifier says.
 func (r *runner) afterRefusal(ctx context.Context, attacked bool) error {
-	if attacked {
+	// Only a boot from the current state can have advanced it; a stale or damaged copy was
+	// refused before any write.
+	if attacked && r.m.disk.gen == r.m.gen && !r.m.disk.damaged {
 		r.m.gen++
 		r.m.disk.gen = r.m.gen
+	}
+	if r.serviceCrash {
+		return nil // the service may be down: crashService asks after its restart
 	}
 	return r.observePending(ctx)
 }

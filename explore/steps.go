@@ -44,6 +44,7 @@ var opDocs = map[string]string{
 	"restart-proxy":    "kill -9 the proxy and start it again",
 	"crash":            "prime and boot, cutting the power at a registered guest write point (NAME or NAME:torn)",
 	"mitm":             "prime and boot with the confirmation attacked (" + strings.Join(mitmKindNames(), ", ") + ")",
+	"crash-service":    "restart the verifier or proxy to die at a registered point (NAME or NAME:torn), prime and boot, then restart it normally",
 	"relaunch":         "launch the VM differently at fakesnp (" + strings.Join(relaunchKinds, ", ") + "); original launches it as registered again",
 }
 
@@ -55,7 +56,7 @@ var relaunchKinds = []string{"measurement", "debug", "other-chip", "original"}
 // passes on an ordinary boot (the others need another VM kind; the crash suite covers them).
 var crashPrefixes = []string{"guest/state/advance/", "guest/state/mirror/", "guest/state/tpm-nv/", "guest/state/power-off/", "guest/confirm/advance/"}
 
-// crashPoints lists the explorer's crash specs, torn variants included.
+// crashPoints lists the explorer's guest crash specs, torn variants included.
 func crashPoints() []string {
 	var out []string
 	for _, p := range crashpoint.Of("guest") {
@@ -65,6 +66,20 @@ func crashPoints() []string {
 				if p.Tearable {
 					out = append(out, p.Name+":torn")
 				}
+			}
+		}
+	}
+	return out
+}
+
+// serviceCrashPoints lists every verifier and proxy crash spec, torn variants included.
+func serviceCrashPoints() []string {
+	var out []string
+	for _, c := range []string{"verifier", "proxy"} {
+		for _, p := range crashpoint.Of(c) {
+			out = append(out, p.Name)
+			if p.Tearable {
+				out = append(out, p.Name+":torn")
 			}
 		}
 	}
@@ -138,6 +153,10 @@ func (s Step) check() error {
 		if _, ok := mitmKinds[s.Arg]; !ok {
 			return fmt.Errorf("the attack is one of %s", strings.Join(mitmKindNames(), ", "))
 		}
+	case "crash-service":
+		if !slices.Contains(serviceCrashPoints(), s.Arg) {
+			return errors.New("not a verifier or proxy crash point (svsm-e2e crash-points)")
+		}
 	case "relaunch":
 		if !slices.Contains(relaunchKinds, s.Arg) {
 			return fmt.Errorf("the launch is one of %s", strings.Join(relaunchKinds, ", "))
@@ -176,7 +195,7 @@ var weights = []struct {
 }{
 	{"boot", 30}, {"boot-unprimed", 5}, {"prime", 4}, {"snapshot", 14}, {"restore", 12},
 	{"recover", 5}, {"wipe", 2}, {"corrupt", 4}, {"clone", 7}, {"restart-verifier", 4}, {"restart-proxy", 3},
-	{"crash", 8}, {"mitm", 6}, {"relaunch", 4},
+	{"crash", 8}, {"mitm", 6}, {"relaunch", 4}, {"crash-service", 5},
 }
 
 // Generate draws n steps from r. The first step is a boot (the VM's first boot). The draw is
@@ -226,6 +245,9 @@ func Generate(r *rand.Rand, n int) []Step {
 		case "mitm":
 			kinds := mitmKindNames()
 			s.Arg = kinds[r.IntN(len(kinds))]
+		case "crash-service":
+			points := serviceCrashPoints()
+			s.Arg = points[r.IntN(len(points))]
 		case "relaunch":
 			// Half the relaunches go back to the registered launch, so bad launches end.
 			s.Arg = "original"
@@ -234,7 +256,7 @@ func Generate(r *rand.Rand, n int) []Step {
 			}
 		}
 		switch s.Op {
-		case "restore", "wipe", "corrupt", "recover", "crash", "mitm", "relaunch":
+		case "restore", "wipe", "corrupt", "recover", "crash", "mitm", "relaunch", "crash-service":
 			tampered = true
 		case "boot", "boot-unprimed", "clone":
 			tampered = false

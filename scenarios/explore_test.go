@@ -104,6 +104,16 @@ var _ = Describe("Explorer", Label("backend:process", "explore", "attack"), func
 		Expect(res.Log[8]).To(ContainSubstring(`booted: read "d1"`))
 	})
 
+	It("the verifier or the proxy dying at its registered points mid-boot: the boot fails closed or completes, nothing is released twice, the next boot works", func() {
+		res := replay("boot;crash-service verifier/release/after-commit;boot;crash-service verifier/confirm/after-commit;boot;crash-service verifier/prime/after-commit;boot-unprimed;crash-service proxy/attest/mid-frame:torn;boot;crash-service proxy/confirm/mid-frame;boot")
+		Expect(res.Violation).To(BeNil(), "%s", strings.Join(res.Log, "\n"))
+		Expect(res.Log[1]).To(ContainSubstring("refused: svsm/"), "the release was committed but its answer lost")
+		Expect(res.Log[3]).To(ContainSubstring("refused: svsm/"), "the confirmation was committed but its answer lost")
+		Expect(res.Log[4]).To(ContainSubstring(`booted: read "d3"`))
+		Expect(res.Log[6]).To(ContainSubstring("booted"), "the committed prime survived the verifier's death")
+		Expect(res.Log[10]).To(ContainSubstring(`booted: read "d8"`))
+	})
+
 	It("attacks on the confirmation and a power cut: each boot fails closed or keeps its data, and the next honest boot works", func() {
 		res := replay("boot;mitm forge;boot;mitm replace;boot;crash guest/state/power-off/write;boot;crash guest/confirm/advance/answered;boot")
 		Expect(res.Violation).To(BeNil(), "%s", strings.Join(res.Log, "\n"))
