@@ -3,8 +3,6 @@ package harness_test
 import (
 	"bytes"
 	"context"
-	"crypto/ecdh"
-	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
 	"io"
@@ -39,11 +37,8 @@ func TestKBSTypesRequestSchema(t *testing.T) {
 		t.Fatalf("auth with object extra-params: HTTP %d", code)
 	}
 	s.nonce = ch.Nonce
-	priv, _ := ecdh.P521().GenerateKey(rand.Reader)
-	k := protocol.ECPublicKeyFromECDH(priv.PublicKey())
-	n, _ := base64.StdEncoding.DecodeString(s.nonce)
-	rd, _ := protocol.ReportData(protocol.DefaultParams(), k, n)
-	body := attestBody(s.nonce, k, report(t, hj, rd, 0))
+	_, k, rep := s.evidence(hj, 0)
+	body := attestBody(s.nonce, k, rep)
 	body.InitData = &protocol.InitData{Format: "toml", Body: "algorithm = \"sha384\""}
 	if code := s.post(protocol.KBSPathAttest, body, nil); code != 200 {
 		t.Fatalf("attest with an init-data object: HTTP %d", code)
@@ -60,11 +55,7 @@ func TestCertsBufNeedsNoKDS(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := newKBSSession(t, h.VerifierURL)
-	priv, _ := ecdh.P521().GenerateKey(rand.Reader)
-	k := protocol.ECPublicKeyFromECDH(priv.PublicKey())
-	n, _ := base64.StdEncoding.DecodeString(s.nonce)
-	rd, _ := protocol.ReportData(protocol.DefaultParams(), k, n)
-	rep := report(t, hj, rd, 0)
+	_, k, rep := s.evidence(hj, 0)
 	// The host's platform firmware holds the VCEK for this chip and TCB (here: from fakesnp).
 	pr, err := abi.ReportToProto(rep)
 	if err != nil {
@@ -204,11 +195,7 @@ func TestVLEKSignedReportVerifies(t *testing.T) {
 	}
 	attestWith := func(withCerts bool) (int, string) {
 		s := newKBSSession(t, h.VerifierURL)
-		priv, _ := ecdh.P521().GenerateKey(rand.Reader)
-		k := protocol.ECPublicKeyFromECDH(priv.PublicKey())
-		n, _ := base64.StdEncoding.DecodeString(s.nonce)
-		rd, _ := protocol.ReportData(protocol.DefaultParams(), k, n)
-		rep := report(t, hj, rd, 0)
+		_, k, rep := s.evidence(hj, 0)
 		if pr, _ := abi.ReportToProto(rep); pr.GetSignerInfo()&(7<<2) != uint32(abi.VlekReportSigner)<<2 {
 			t.Fatalf("report signer info %#x: not VLEK-signed", pr.GetSignerInfo())
 		}

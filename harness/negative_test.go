@@ -85,10 +85,8 @@ func TestVerifierBindingRefusals(t *testing.T) {
 		run   func(s *kbsSession) protocol.KBSAttestation
 	}{
 		{"wrong nonce in runtime data", "nonce", func(s *kbsSession) protocol.KBSAttestation {
-			k := newKey()
-			n, _ := base64.StdEncoding.DecodeString(s.nonce)
-			rd, _ := protocol.ReportData(protocol.DefaultParams(), k, n)
-			return attestBody("AAAA"+s.nonce[4:], k, report(t, hj, rd, 0))
+			_, k, rep := s.evidence(hj, 0)
+			return attestBody("AAAA"+s.nonce[4:], k, rep)
 		}},
 		{"report binds an old nonce", "report_data", func(s *kbsSession) protocol.KBSAttestation {
 			k := newKey()
@@ -102,18 +100,13 @@ func TestVerifierBindingRefusals(t *testing.T) {
 			return attestBody(s.nonce, presented, report(t, hj, rd, 0))
 		}},
 		{"report byte flipped in transit", "signature", func(s *kbsSession) protocol.KBSAttestation {
-			k := newKey()
-			n, _ := base64.StdEncoding.DecodeString(s.nonce)
-			rd, _ := protocol.ReportData(protocol.DefaultParams(), k, n)
-			r := report(t, hj, rd, 0)
+			_, k, r := s.evidence(hj, 0)
 			r[0xC0] ^= 0x01 // HOST_DATA
 			return attestBody(s.nonce, k, r)
 		}},
 		{"VMPL 1 report", "vmpl", func(s *kbsSession) protocol.KBSAttestation {
-			k := newKey()
-			n, _ := base64.StdEncoding.DecodeString(s.nonce)
-			rd, _ := protocol.ReportData(protocol.DefaultParams(), k, n)
-			return attestBody(s.nonce, k, report(t, hj, rd, 1))
+			_, k, rep := s.evidence(hj, 1)
+			return attestBody(s.nonce, k, rep)
 		}},
 		{"truncated report", "snp-report", func(s *kbsSession) protocol.KBSAttestation {
 			k := newKey()
@@ -148,6 +141,26 @@ func TestVerifierBindingRefusals(t *testing.T) {
 	if v, _ := h.Admin.Show(ctx, "bind"); v.Releases != 0 || !v.Primed {
 		t.Fatalf("vm = %+v: nothing may have been released", v)
 	}
+}
+
+// evidence makes a fresh P-521 key and a signed report from hj's launch whose REPORT_DATA
+// binds that key to the session's nonce, at the given VMPL: what an honest guest presents.
+func (s *kbsSession) evidence(hj *protocol.HostJSON, vmpl uint) (*ecdh.PrivateKey, protocol.ECPublicKey, []byte) {
+	s.t.Helper()
+	priv, err := ecdh.P521().GenerateKey(rand.Reader)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	k := protocol.ECPublicKeyFromECDH(priv.PublicKey())
+	n, err := base64.StdEncoding.DecodeString(s.nonce)
+	if err != nil {
+		s.t.Fatalf("session nonce %q: %v", s.nonce, err)
+	}
+	rd, err := protocol.ReportData(protocol.DefaultParams(), k, n)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return priv, k, report(s.t, hj, rd, vmpl)
 }
 
 func attestBody(nonce string, k protocol.ECPublicKey, report []byte) protocol.KBSAttestation {

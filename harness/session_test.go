@@ -3,7 +3,6 @@ package harness_test
 import (
 	"context"
 	"crypto/ecdh"
-	"crypto/rand"
 	"encoding/base64"
 	"encoding/json"
 	"io"
@@ -30,12 +29,9 @@ type attested struct {
 func attestSession(t *testing.T, h *harness.Host, hj *protocol.HostJSON) *attested {
 	t.Helper()
 	s := newKBSSession(t, h.VerifierURL)
-	priv, _ := ecdh.P521().GenerateKey(rand.Reader)
-	k := protocol.ECPublicKeyFromECDH(priv.PublicKey())
-	n, _ := base64.StdEncoding.DecodeString(s.nonce)
-	rd, _ := protocol.ReportData(protocol.DefaultParams(), k, n)
+	priv, k, rep := s.evidence(hj, 0)
 	var tok protocol.KBSAttestResponse
-	if code := s.post(protocol.KBSPathAttest, attestBody(s.nonce, k, report(t, hj, rd, 0)), &tok); code != 200 {
+	if code := s.post(protocol.KBSPathAttest, attestBody(s.nonce, k, rep), &tok); code != 200 {
 		t.Fatalf("attest: HTTP %d", code)
 	}
 	return &attested{kbsSession: s, token: tok.Token, priv: priv}
@@ -251,11 +247,7 @@ func TestKDSOutageIsNotASignatureFailure(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := newKBSSession(t, h.VerifierURL)
-	priv, _ := ecdh.P521().GenerateKey(rand.Reader)
-	k := protocol.ECPublicKeyFromECDH(priv.PublicKey())
-	n, _ := base64.StdEncoding.DecodeString(s.nonce)
-	rd, _ := protocol.ReportData(protocol.DefaultParams(), k, n)
-	rep := report(t, hj, rd, 0)
+	_, k, rep := s.evidence(hj, 0)
 	h.FakeSNP.Kill() // fakesnp is also the KDS
 	var pd protocol.ProblemDetails
 	code := s.post(protocol.KBSPathAttest, attestBody(s.nonce, k, rep), &pd)
