@@ -1,6 +1,7 @@
 package fakesnp
 
 import (
+	"bytes"
 	"context"
 	"encoding/pem"
 	"errors"
@@ -57,11 +58,15 @@ func (c *Client) Chip(ctx context.Context, name string) (*ChipInfo, error) {
 	return &info, c.do(ctx, http.MethodPost, "/admin/v1/chips/"+url.PathEscape(name), nil, &info)
 }
 
-// CertChain fetches the KDS cert_chain (ASK then ARK PEM): the roots a verifier should trust.
-func (c *Client) CertChain(ctx context.Context) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.BaseURL+"/vcek/v1/"+ProductLine+"/cert_chain", nil)
+// getRaw GETs a binary or PEM body of at most 1 MiB; the admin token goes along only where
+// the endpoint is the admin API's.
+func (c *Client) getRaw(ctx context.Context, path, what string, admin bool) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.BaseURL+path, nil)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("fakesnp %s: %w", what, err)
+	}
+	if admin {
+		req.Header.Set("Authorization", "Bearer "+c.Token)
 	}
 	hc := c.HTTP
 	if hc == nil {
@@ -69,13 +74,22 @@ func (c *Client) CertChain(ctx context.Context) ([]byte, error) {
 	}
 	resp, err := hc.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("fakesnp cert_chain: %w", err)
+		return nil, fmt.Errorf("fakesnp %s: %w", what, err)
 	}
 	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("fakesnp cert_chain: HTTP %d", resp.StatusCode)
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return nil, fmt.Errorf("fakesnp %s: %w", what, err)
 	}
-	return io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("fakesnp %s: HTTP %d: %s", what, resp.StatusCode, bytes.TrimSpace(b))
+	}
+	return b, nil
+}
+
+// CertChain fetches the KDS cert_chain (ASK then ARK PEM): the roots a verifier should trust.
+func (c *Client) CertChain(ctx context.Context) ([]byte, error) {
+	return c.getRaw(ctx, "/vcek/v1/"+ProductLine+"/cert_chain", "cert_chain", false)
 }
 
 // SetCRL chooses what the served CRL revokes.
@@ -85,28 +99,7 @@ func (c *Client) SetCRL(ctx context.Context, set CRLSettings) error {
 
 // LaunchCerts returns the extended-report certificate table of a launch (binary).
 func (c *Client) LaunchCerts(ctx context.Context, name string) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.BaseURL+"/admin/v1/launches/"+url.PathEscape(name)+"/certs", nil)
-	if err != nil {
-		return nil, err
-	}
-	req.Header.Set("Authorization", "Bearer "+c.Token)
-	hc := c.HTTP
-	if hc == nil {
-		hc = &http.Client{Timeout: 30 * time.Second}
-	}
-	resp, err := hc.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("fakesnp: %w", err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if err != nil {
-		return nil, fmt.Errorf("fakesnp: %w", err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("fakesnp: launch certs: HTTP %d: %s", resp.StatusCode, b)
-	}
-	return b, nil
+	return c.getRaw(ctx, "/admin/v1/launches/"+url.PathEscape(name)+"/certs", "launch certs", true)
 }
 
 // RootsPEM returns every certificate a verifier of this fakesnp needs (ASK, ASVK, ARK), from
@@ -116,22 +109,9 @@ func (c *Client) RootsPEM(ctx context.Context) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.BaseURL+"/vlek/v1/"+ProductLine+"/cert_chain", nil)
+	vlek, err := c.getRaw(ctx, "/vlek/v1/"+ProductLine+"/cert_chain", "VLEK cert_chain", false)
 	if err != nil {
 		return nil, err
-	}
-	hc := c.HTTP
-	if hc == nil {
-		hc = &http.Client{Timeout: 30 * time.Second}
-	}
-	resp, err := hc.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("fakesnp: %w", err)
-	}
-	defer resp.Body.Close()
-	vlek, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if err != nil || resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("fakesnp: VLEK chain: HTTP %d %v", resp.StatusCode, err)
 	}
 	// ASK (first of the VCEK chain), ASVK (first of the VLEK chain), ARK.
 	askPEM, arkPEM, ok := splitPEMPair(vcek)
