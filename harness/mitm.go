@@ -50,19 +50,23 @@ type MITM struct {
 }
 
 // StartMITM listens on the unix socket path and relays to target (the proxy's socket).
-// mutate may be nil (a transparent relay).
+// mutate may be nil (a transparent relay); Set changes it later.
 func StartMITM(path, target string, mutate func(Frame) Verdict) (*MITM, error) {
 	ln, err := net.Listen("unix", path)
 	if err != nil {
 		return nil, err
 	}
-	if mutate == nil {
-		mutate = func(Frame) Verdict { return Verdict{} }
-	}
 	m := &MITM{ln: ln, target: target, mutate: mutate}
 	m.wg.Add(1)
 	go m.accept()
 	return m, nil
+}
+
+// Set replaces what the MITM does with each frame from now on (nil: relay it unchanged).
+func (m *MITM) Set(mutate func(Frame) Verdict) {
+	m.mu.Lock()
+	m.mutate = mutate
+	m.mu.Unlock()
 }
 
 // Path is where guests connect.
@@ -129,8 +133,12 @@ func (m *MITM) relay(n int, guest net.Conn) {
 			f := Frame{Conn: n, Dir: dir, Index: i, Body: bytes.Clone(body)}
 			m.mu.Lock()
 			m.frames = append(m.frames, f)
+			mutate := m.mutate
 			m.mu.Unlock()
-			v := m.mutate(f)
+			var v Verdict
+			if mutate != nil {
+				v = mutate(f)
+			}
 			if v.Drop {
 				return
 			}

@@ -188,34 +188,17 @@ var _ = Describe("Real COCONUT-SVSM", Label("backend:coconut"), func() {
 var _ = Describe("Real COCONUT-SVSM behind a MITM", Label("backend:coconut", "attack"), func() {
 	var s *harness.Stack
 	var v *harness.CoconutVM
-	var mu sync.Mutex
-	var mutate func(harness.Frame) harness.Verdict
 	var mitm *harness.MITM
 	BeforeEach(func() {
 		s = newStack()
 		v = newCoconut(s, "svsm")
 		var err error
-		mitm, err = harness.StartMITM(filepath.Join(filepath.Dir(s.ProxySocket()), "com3-mitm.sock"), s.ProxySocket(), func(f harness.Frame) harness.Verdict {
-			mu.Lock()
-			m := mutate
-			mu.Unlock()
-			if m == nil {
-				return harness.Verdict{}
-			}
-			return m(f)
-		})
+		mitm, err = harness.StartMITM(filepath.Join(filepath.Dir(s.ProxySocket()), "com3-mitm.sock"), s.ProxySocket(), nil)
 		Expect(err).NotTo(HaveOccurred())
 		DeferCleanup(mitm.Close)
 		v.SetProxySocket(mitm.Path())
-		mu.Lock()
-		mutate = nil
-		mu.Unlock()
 	})
-	set := func(m func(harness.Frame) harness.Verdict) {
-		mu.Lock()
-		mutate = m
-		mu.Unlock()
-	}
+	set := func(m func(harness.Frame) harness.Verdict) { mitm.Set(m) }
 	// The attestation response is the second frame to the SVSM on its COM3 stream.
 	isResponse := func(f harness.Frame) bool { return f.Dir == harness.ToGuest && f.Index == 1 }
 	rewrite := func(body []byte, change func(m map[string]any)) []byte {

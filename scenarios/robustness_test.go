@@ -162,32 +162,17 @@ var _ = Describe("MITM on the proxy channel", Label("backend:process", "attack")
 	var s *harness.Stack
 	var vm *harness.VM
 	var mitm *harness.MITM
-	var mutate func(harness.Frame) harness.Verdict
-	var mu sync.Mutex
 	BeforeEach(func() {
 		s = newStack()
 		vm = newVM(s, harness.VMOptions{Name: "vm"})
-		mutate = nil
 		var err error
-		mitm, err = harness.StartMITM(filepath.Join(filepath.Dir(s.ProxySocket()), "mitm.sock"), s.ProxySocket(), func(f harness.Frame) harness.Verdict {
-			mu.Lock()
-			m := mutate
-			mu.Unlock()
-			if m == nil {
-				return harness.Verdict{}
-			}
-			return m(f)
-		})
+		mitm, err = harness.StartMITM(filepath.Join(filepath.Dir(s.ProxySocket()), "mitm.sock"), s.ProxySocket(), nil)
 		Expect(err).NotTo(HaveOccurred())
 		DeferCleanup(mitm.Close)
 		Expect(vm.SetProxySocket(mitm.Path())).To(Succeed())
 		expectBooted(boot(vm)) // through the transparent relay
 	})
-	setMutate := func(m func(harness.Frame) harness.Verdict) {
-		mu.Lock()
-		mutate = m
-		mu.Unlock()
-	}
+	setMutate := func(m func(harness.Frame) harness.Verdict) { mitm.Set(m) }
 	// attestation response: the second frame to the guest on an attestation connection.
 	isResponse := func(f harness.Frame) bool {
 		return f.Dir == harness.ToGuest && f.Index == 1
