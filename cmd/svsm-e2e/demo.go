@@ -93,6 +93,21 @@ func demoCmd() *cobra.Command {
 	return cmd
 }
 
+// startStack is every demo's first host step: fakesnp, svsm-verifier and svsm-proxy as
+// processes, seed 1, errors only in the log.
+func (d *demo) startStack(ctx context.Context, o harness.StackOptions) (*harness.Stack, error) {
+	o.Seed, o.Logger = 1, daemon.Logger("demo", "text", "error")
+	var s *harness.Stack
+	err := d.step("host", "start fakesnp, svsm-verifier, svsm-proxy", func() (string, error) {
+		var err error
+		if s, err = harness.NewStack(ctx, o); err != nil {
+			return "", err
+		}
+		return fmt.Sprintf("verifier %s, proxy %s", s.Host.VerifierURL, s.ProxySocket()), nil
+	})
+	return s, err
+}
+
 // table prints the summary of the steps taken.
 func (d *demo) table(workdir string) {
 	fmt.Println()
@@ -120,14 +135,8 @@ func runCoconutDemo(ctx context.Context, workdir string, bins harness.Binaries, 
 		}
 		d.table(workdir)
 	}()
-	if err := d.step("host", "start fakesnp, svsm-verifier, svsm-proxy", func() (string, error) {
-		var err error
-		s, err = harness.NewStack(ctx, harness.StackOptions{WorkDir: workdir, Binaries: bins, Seed: 1, Logger: daemon.Logger("demo", "text", "error")})
-		if err != nil {
-			return "", err
-		}
-		return fmt.Sprintf("verifier %s, proxy %s", s.Host.VerifierURL, s.ProxySocket()), nil
-	}); err != nil {
+	var err error
+	if s, err = d.startStack(ctx, harness.StackOptions{WorkDir: workdir, Binaries: bins}); err != nil {
 		return err
 	}
 	var v *harness.CoconutVM
@@ -210,15 +219,7 @@ func runDemo(ctx context.Context, workdir string, bins harness.Binaries, backend
 	if bins.Guest == "" {
 		return errors.New("svsm-guest binary not found (run `make build`)")
 	}
-	if err := d.step("host", "start fakesnp, svsm-verifier, svsm-proxy", func() (string, error) {
-		var err error
-		s, err = harness.NewStack(ctx, harness.StackOptions{WorkDir: workdir, Binaries: bins, Seed: 1, Backend: backend,
-			Logger: daemon.Logger("demo", "text", "error")})
-		if err != nil {
-			return "", err
-		}
-		return fmt.Sprintf("verifier %s, proxy %s", s.Host.VerifierURL, s.ProxySocket()), nil
-	}); err != nil {
+	if s, err = d.startStack(ctx, harness.StackOptions{WorkDir: workdir, Binaries: bins, Backend: backend}); err != nil {
 		return err
 	}
 	var vm *harness.VM
