@@ -239,8 +239,10 @@ func TestProxyBoundsAHostilePeer(t *testing.T) {
 	stalled := dial()
 	defer stalled.Close()
 	stalled.Write([]byte{40, 0, 0}) // three bytes of a frame header, then nothing
-	for p.Stats.Connections.Load() == 0 {
-		time.Sleep(5 * time.Millisecond)
+	for start := time.Now(); p.Stats.Connections.Load() == 0; time.Sleep(5 * time.Millisecond) {
+		if time.Since(start) > 10*time.Second {
+			t.Fatal("the proxy never took the first connection")
+		}
 	}
 	second := dial() // over the limit while the first one is held
 	defer second.Close()
