@@ -107,3 +107,52 @@ func TestStandInLaunchFollowsKVMRules(t *testing.T) {
 		t.Errorf("VMSA RIP %#x, want the kernel file at %#x", rip, KernelGPA)
 	}
 }
+
+// TestNativeContextLayout pins the native VP context to the byte layout QEMU reads: struct
+// IgvmNativeVpContextX64 in QEMU's target/i386/igvm.c (QEMU 10.2, from igvm_defs): rax..r15 at
+// 0x00, rip 0x80, rflags 0x88, idtr_base 0x90, idtr_limit 0x98, reserved[2], gdtr_limit 0x9e,
+// gdtr_base 0xa0, code selector/attributes/base/limit 0xa8/0xaa/0xac/0xb0, data the same at
+// 0xb4/0xb6/0xb8/0xbc, gs_base 0xc0, cr0 0xc8, cr3 0xd0, cr4 0xd8, efer 0xe0; 232 bytes.
+func TestNativeContextLayout(t *testing.T) {
+	le := binary.LittleEndian
+	c := nativeContext(0x1234567, false)
+	for _, f := range []struct {
+		name string
+		off  int
+		size int
+		want uint64
+	}{
+		{"rsp", 0x20, 8, nativeStackTop},
+		{"rsi (boot_params)", 0x30, 8, BootParamsGPA},
+		{"rip", 0x80, 8, 0x1234567},
+		{"rflags", 0x88, 8, 2},
+		{"gdtr_limit", 0x9e, 2, 31},
+		{"gdtr_base", 0xa0, 8, nativeGDTGPA},
+		{"code_selector", 0xa8, 2, 0x10},
+		{"code_attributes", 0xaa, 2, 0xa09b},
+		{"code_limit", 0xb0, 4, 0xffffffff},
+		{"data_selector", 0xb4, 2, 0x18},
+		{"data_attributes", 0xb6, 2, 0xc093},
+		{"data_limit", 0xbc, 4, 0xffffffff},
+		{"cr0", 0xc8, 8, 0x80050033},
+		{"cr3", 0xd0, 8, nativePML4GPA},
+		{"cr4", 0xd8, 8, 0x20},
+		{"efer", 0xe0, 8, 0x500},
+	} {
+		var got uint64
+		switch f.size {
+		case 2:
+			got = uint64(le.Uint16(c[f.off:]))
+		case 4:
+			got = uint64(le.Uint32(c[f.off:]))
+		default:
+			got = le.Uint64(c[f.off:])
+		}
+		if got != f.want {
+			t.Errorf("%s at %#x = %#x, want %#x", f.name, f.off, got, f.want)
+		}
+	}
+	if len(c) != 0xe8 {
+		t.Errorf("context is %d bytes, QEMU's struct 232", len(c))
+	}
+}
