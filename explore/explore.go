@@ -142,13 +142,17 @@ func shrink(failing *Result, run func([]Step) (*Result, error), progress func(st
 	return best, nil
 }
 
-// Command is the one-line replay of a finding.
-func Command(steps []Step) string {
-	return fmt.Sprintf("svsm-e2e explore --replay '%s'", Format(steps))
+// Command is the one-line replay of a run.
+func Command(res *Result) string {
+	mode := ""
+	if res.WriteThrough {
+		mode = "--write-through "
+	}
+	return fmt.Sprintf("svsm-e2e explore %s--replay '%s'", mode, Format(res.Steps))
 }
 
-// Spec is a ready Ginkgo spec for the scenarios package that replays a finding and fails
-// while the violation remains.
+// Spec is a ready Ginkgo spec for the scenarios package (its replay helper) that replays a
+// finding and fails while the violation remains.
 func Spec(res *Result) string {
 	var b strings.Builder
 	title := "explorer finding"
@@ -156,7 +160,11 @@ func Spec(res *Result) string {
 		title = "explorer: " + res.Violation.Rule
 	}
 	fmt.Fprintf(&b, "It(%q, Label(\"backend:process\", \"explore\"), func() {\n", title)
-	fmt.Fprintf(&b, "\tres := replay(%q)\n", Format(res.Steps))
+	if res.WriteThrough {
+		fmt.Fprintf(&b, "\tres := replay(%q, writeThrough)\n", Format(res.Steps))
+	} else {
+		fmt.Fprintf(&b, "\tres := replay(%q)\n", Format(res.Steps))
+	}
 	b.WriteString("\tExpect(res.Violation).To(BeNil(), \"%s\", strings.Join(res.Log, \"\\n\"))\n")
 	b.WriteString("})\n")
 	return b.String()

@@ -68,6 +68,8 @@ type Result struct {
 	Log       []string // one line per step: the action and what each layer answered
 	Violation *Violation
 	Dir       string // the run's artifact bundle (kept when Violation != nil or Options.Keep)
+	// WriteThrough: the run's VM was in write-through mode (a replay needs the same).
+	WriteThrough bool
 }
 
 // model is what the guest and verifier may accept, from the host's actions alone.
@@ -114,7 +116,7 @@ func Run(ctx context.Context, o Options, steps []Step) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	res := &Result{Steps: steps, Dir: dir}
+	res := &Result{Steps: steps, Dir: dir, WriteThrough: o.WriteThrough}
 	logger := o.Logger
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)

@@ -7,6 +7,7 @@ package explore
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"slices"
 	"strconv"
@@ -86,14 +87,7 @@ func serviceCrashPoints() []string {
 	return out
 }
 
-func mitmKindNames() []string {
-	out := make([]string, 0, len(mitmKinds))
-	for k := range mitmKinds {
-		out = append(out, k)
-	}
-	slices.Sort(out)
-	return out
-}
+func mitmKindNames() []string { return slices.Sorted(maps.Keys(mitmKinds)) }
 
 // Ops lists the known ops with their description, sorted by name.
 func Ops() []string {
@@ -169,14 +163,7 @@ func (s Step) check() error {
 	return nil
 }
 
-func opNames() []string {
-	out := make([]string, 0, len(opDocs))
-	for op := range opDocs {
-		out = append(out, op)
-	}
-	slices.Sort(out)
-	return out
-}
+func opNames() []string { return slices.Sorted(maps.Keys(opDocs)) }
 
 // Format writes a sequence as one line.
 func Format(steps []Step) string {

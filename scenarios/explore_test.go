@@ -31,54 +31,57 @@ func exploreOptions() explore.Options {
 	return explore.Options{Binaries: bins, CADir: suite.CADir, WorkRoot: dir}
 }
 
+// writeThrough runs a replay's VM in write-through mode.
+func writeThrough(o *explore.Options) { o.WriteThrough = true }
+
 // replay runs one explorer sequence (the form `svsm-e2e explore` prints for a finding).
-func replay(line string) *explore.Result {
+func replay(line string, change ...func(*explore.Options)) *explore.Result {
 	GinkgoHelper()
 	steps, err := explore.Parse(line)
 	Expect(err).NotTo(HaveOccurred())
-	res, err := explore.Run(ctx(), exploreOptions(), steps)
+	o := exploreOptions()
+	for _, c := range change {
+		c(&o)
+	}
+	res, err := explore.Run(ctx(), o, steps)
 	Expect(err).NotTo(HaveOccurred())
 	AddReportEntry("explore log", strings.Join(res.Log, "\n"))
 	return res
 }
 
-// exploreSeeds are explored on every run; one fresh seed is added and printed.
-var exploreSeeds = []uint64{1, 2, 3}
+// freshSeed is a new seed for this run, printed in the report so that a finding replays.
+func freshSeed(what string) uint64 {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	seed := binary.LittleEndian.Uint64(b[:]) >> 1
+	AddReportEntry("fresh "+what+" seed", seed)
+	return seed
+}
+
+// exploreClean explores each seed for steps and fails with the shrunk finding, its replay
+// command, its artifact bundle and a ready spec.
+func exploreClean(o explore.Options, steps int, seeds ...uint64) {
+	GinkgoHelper()
+	for _, seed := range seeds {
+		rep, err := explore.Explore(ctx(), o, seed, explore.Budget{Steps: steps}, func(l string) { fmt.Fprintf(GinkgoWriter, "explorer seed %d: %s\n", seed, l) })
+		Expect(err).NotTo(HaveOccurred(), "seed %d", seed)
+		Expect(rep.Steps).To(BeNumerically(">=", steps))
+		if rep.Found != nil {
+			Fail(fmt.Sprintf("seed %d: %s\n%s\nreplay: %s\nartifacts: %s\nspec:\n%s", seed, rep.Found.Violation,
+				strings.Join(rep.Found.Log, "\n"), explore.Command(rep.Found), rep.Found.Dir, explore.Spec(rep.Found)))
+		}
+	}
+}
 
 var _ = Describe("Explorer", Label("backend:process", "explore", "attack"), func() {
 	It("random host-action sequences from fixed seeds and a fresh one break no invariant", func() {
-		var b [8]byte
-		_, _ = rand.Read(b[:])
-		fresh := binary.LittleEndian.Uint64(b[:]) >> 1
-		AddReportEntry("fresh explorer seed", fresh)
-		fmt.Fprintf(GinkgoWriter, "explorer: fresh seed %d (replay: svsm-e2e explore --seed %d --budget 300)\n", fresh, fresh)
-		o := exploreOptions()
-		for _, seed := range append(exploreSeeds, fresh) {
-			rep, err := explore.Explore(ctx(), o, seed, explore.Budget{Steps: 300}, func(l string) { fmt.Fprintf(GinkgoWriter, "explorer seed %d: %s\n", seed, l) })
-			Expect(err).NotTo(HaveOccurred(), "seed %d", seed)
-			Expect(rep.Steps).To(BeNumerically(">=", 300))
-			if rep.Found != nil {
-				Fail(fmt.Sprintf("seed %d: %s\n%s\nreplay: %s\nartifacts: %s\nspec:\n%s", seed, rep.Found.Violation,
-					strings.Join(rep.Found.Log, "\n"), explore.Command(rep.Found.Steps), rep.Found.Dir, explore.Spec(rep.Found)))
-			}
-		}
+		exploreClean(exploreOptions(), 300, 1, 2, 3, freshSeed("explorer"))
 	})
 
 	It("in write-through mode, a fixed seed and the fresh one break no invariant (no rollback within a boot tolerated)", func() {
 		o := exploreOptions()
-		o.WriteThrough = true
-		var b [8]byte
-		_, _ = rand.Read(b[:])
-		fresh := binary.LittleEndian.Uint64(b[:]) >> 1
-		AddReportEntry("fresh write-through explorer seed", fresh)
-		for _, seed := range []uint64{4, fresh} {
-			rep, err := explore.Explore(ctx(), o, seed, explore.Budget{Steps: 200}, func(l string) { fmt.Fprintf(GinkgoWriter, "explorer write-through seed %d: %s\n", seed, l) })
-			Expect(err).NotTo(HaveOccurred(), "seed %d", seed)
-			if rep.Found != nil {
-				Fail(fmt.Sprintf("write-through seed %d: %s\n%s\nreplay: svsm-e2e explore --write-through --replay '%s'\nartifacts: %s", seed, rep.Found.Violation,
-					strings.Join(rep.Found.Log, "\n"), explore.Format(rep.Found.Steps), rep.Found.Dir))
-			}
-		}
+		writeThrough(&o)
+		exploreClean(o, 200, 4, freshSeed("write-through explorer"))
 	})
 
 	It("a replayed rollback is refused by the guest and the verifier's counter holds", func() {
@@ -149,12 +152,7 @@ var _ = Describe("Explorer finding: a disk copied after a failed boot's advance"
 
 	DescribeTable("is refused in write-through mode, where the next boot's write is confirmed",
 		func(failed string) {
-			steps, err := explore.Parse("boot;" + failed + ";snapshot a;boot;restore a;boot")
-			Expect(err).NotTo(HaveOccurred())
-			o := exploreOptions()
-			o.WriteThrough = true
-			res, err := explore.Run(ctx(), o, steps)
-			Expect(err).NotTo(HaveOccurred())
+			res := replay("boot;"+failed+";snapshot a;boot;restore a;boot", writeThrough)
 			Expect(res.Violation).To(BeNil(), "%s", strings.Join(res.Log, "\n"))
 			Expect(res.Log[5]).To(ContainSubstring("refused: svsm/stale-state"), "%s", strings.Join(res.Log, "\n"))
 		},

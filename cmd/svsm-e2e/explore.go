@@ -134,7 +134,7 @@ func finding(out interface{ Write([]byte) (int, error) }, res *explore.Result) e
 		return nil
 	}
 	fmt.Fprintf(out, "explore: VIOLATION %s\n", res.Violation)
-	fmt.Fprintf(out, "explore: replay: %s\n", explore.Command(res.Steps))
+	fmt.Fprintf(out, "explore: replay: %s\n", explore.Command(res))
 	fmt.Fprintf(out, "explore: artifacts: %s\n", res.Dir)
 	fmt.Fprintf(out, "explore: spec for scenarios/explore_test.go:\n%s", explore.Spec(res))
 	return errFinding
