@@ -40,6 +40,9 @@ type GuestOptions struct {
 	CrashAt string
 	// AttestTimeout bounds the guest's attestation and confirmations (its default when zero).
 	AttestTimeout time.Duration
+	// TestSeed, if set, is svsm-guest --test-seed: the boot's keys, nonces and vTPM follow
+	// from it (process backend only).
+	TestSeed string
 	// OnEvent, if set, sees each event as the guest prints it, while the guest waits for
 	// nothing: the host acts at that moment (snapshot a disk, kill a process).
 	OnEvent func(protocol.Event)
@@ -268,6 +271,9 @@ func StartGuest(ctx context.Context, bin string, o GuestOptions) (*GuestProcess,
 	}
 	if o.AttestTimeout > 0 {
 		args = append(args, "--attest-timeout", o.AttestTimeout.String())
+	}
+	if o.TestSeed != "" {
+		args = append(args, "--test-seed", o.TestSeed)
 	}
 	ctx, cancel := context.WithTimeout(ctx, o.Timeout)
 	cmd := exec.CommandContext(ctx, bin, args...)

@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -22,6 +23,7 @@ import (
 	"github.com/svsm-e2e/svsm-e2e/internal/admintoken"
 	"github.com/svsm-e2e/svsm-e2e/internal/atomicfile"
 	"github.com/svsm-e2e/svsm-e2e/internal/daemon"
+	"github.com/svsm-e2e/svsm-e2e/internal/detrand"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 	"github.com/svsm-e2e/svsm-e2e/verifier"
 )
@@ -86,6 +88,10 @@ type HostOptions struct {
 	// GenuineAMD makes the verifier trust AMD's genuine roots and fetch VCEKs from AMD's KDS
 	// (the hardware leg: reports signed by a real AMD-SP). fakesnp still runs, unused.
 	GenuineAMD bool
+	// Seeded gives fakesnp and every start of the verifier a --test-seed derived from
+	// TestSeed and the start's number, so a run replays their draws.
+	Seeded   bool
+	TestSeed uint64
 }
 
 // Host is a running host side.
@@ -109,6 +115,21 @@ type Host struct {
 	proxyVerifierURL string
 	// verifierCrash and proxyCrash are --crash-at values for the next (re)start.
 	verifierCrash, proxyCrash string
+	// starts counts each component's starts, naming its derived test seed.
+	starts map[string]int
+}
+
+// seedArgs is a component's --test-seed for this start, when the host is seeded.
+func (h *Host) seedArgs(component string) []string {
+	if !h.opts.Seeded {
+		return nil
+	}
+	if h.starts == nil {
+		h.starts = map[string]int{}
+	}
+	h.starts[component]++
+	seed := detrand.Derive(h.opts.TestSeed, fmt.Sprintf("%s#%d", component, h.starts[component]))
+	return []string{"--test-seed", strconv.FormatUint(seed, 10)}
 }
 
 // RestartVerifierCrashingAt restarts the verifier so that it dies at the registered crash
@@ -211,7 +232,7 @@ func (h *Host) startFakeSNP(ctx context.Context) error {
 		}
 	}
 	p, addrs, err := h.launch(ctx, "fakesnp", h.opts.Binaries.FakeSNP,
-		[]string{"serve", "--state-dir", h.path("fakesnp"), "--socket-dir", h.runDir, "--listen", "127.0.0.1:0", "--addr-file", h.path("run", "fakesnp.addr")},
+		append([]string{"serve", "--state-dir", h.path("fakesnp"), "--socket-dir", h.runDir, "--listen", "127.0.0.1:0", "--addr-file", h.path("run", "fakesnp.addr")}, h.seedArgs("fakesnp")...),
 		h.path("run", "fakesnp.addr"))
 	h.FakeSNP = p
 	if err != nil {
@@ -248,6 +269,7 @@ func (h *Host) StartVerifier(ctx context.Context) error {
 		args = append(args, "--kds-url", h.FakeSNPURL, "--trusted-roots", h.path("fakesnp-roots.pem"))
 	}
 	args = append(args, h.opts.VerifierArgs...)
+	args = append(args, h.seedArgs("verifier")...)
 	if h.verifierCrash != "" {
 		args = append(args, "--crash-at", h.verifierCrash)
 	}

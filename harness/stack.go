@@ -55,8 +55,12 @@ type StackOptions struct {
 	CADir string
 	// Seed drives every choice the harness makes (passphrases, offsets a scenario picks
 	// through Rand). Keys and nonces inside the real processes come from crypto/rand, as
-	// they would in deployment.
-	Seed    uint64
+	// they would in deployment, unless Seeded.
+	Seed uint64
+	// Seeded (test mode) derives every process's --test-seed from Seed too: fakesnp, each
+	// verifier start and each process-backend boot (by VM name and boot number), so that
+	// one seed replays a run's keys, nonces, boot ids, vTPM and disk bytes.
+	Seeded  bool
 	Backend Backend // default ProcessBackend with Binaries.Guest
 	Logger  *slog.Logger
 	// VerifierArgs are extra `svsm-verifier serve` flags.
@@ -86,7 +90,8 @@ func NewStack(ctx context.Context, opts StackOptions) (*Stack, error) {
 	if opts.Backend == nil {
 		opts.Backend = ProcessBackend{Guest: opts.Binaries.Guest}
 	}
-	h, err := StartHost(ctx, HostOptions{WorkDir: opts.WorkDir, Binaries: opts.Binaries, CADir: opts.CADir, Logger: opts.Logger, VerifierArgs: opts.VerifierArgs, GenuineAMD: opts.GenuineAMD})
+	h, err := StartHost(ctx, HostOptions{WorkDir: opts.WorkDir, Binaries: opts.Binaries, CADir: opts.CADir, Logger: opts.Logger, VerifierArgs: opts.VerifierArgs, GenuineAMD: opts.GenuineAMD,
+		Seeded: opts.Seeded, TestSeed: opts.Seed})
 	if err != nil {
 		return nil, err
 	}

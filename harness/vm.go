@@ -9,9 +9,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/svsm-e2e/svsm-e2e/fakesnp"
+	"github.com/svsm-e2e/svsm-e2e/internal/detrand"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 	"github.com/svsm-e2e/svsm-e2e/svsm/statestore"
 	"github.com/svsm-e2e/svsm-e2e/svsm/uefivars"
@@ -200,6 +202,10 @@ func (v *VM) Start(ctx context.Context, o BootOptions) (*Running, error) {
 		Console: console, Timeout: o.Timeout, OnEvent: o.OnEvent, CrashAfter: o.CrashAfter, CrashAt: o.CrashAt, AttestTimeout: o.AttestTimeout}
 	if o.NoRecovery {
 		g.RecoveryFile = ""
+	}
+	// A VM's guest draws from its own kernel; only the process backend's guest takes a seed.
+	if v.stack.opts.Seeded && v.stack.backend.Name() == "process" {
+		g.TestSeed = strconv.FormatUint(detrand.Derive(v.stack.opts.Seed, fmt.Sprintf("guest/%s#%d", v.Name, v.boots)), 10)
 	}
 	var ctl *control
 	if o.Control {

@@ -13,6 +13,7 @@ import (
 
 	"github.com/svsm-e2e/svsm-e2e/fakesnp"
 	"github.com/svsm-e2e/svsm-e2e/internal/daemon"
+	"github.com/svsm-e2e/svsm-e2e/internal/detrand"
 )
 
 func main() {
@@ -24,13 +25,22 @@ func main() {
 
 func newRoot() *cobra.Command {
 	root := &cobra.Command{Use: "fakesnp", Short: "Simulated AMD-SP: signs SNP reports, serves a fake KDS", SilenceUsage: true, SilenceErrors: true}
-	var stateDir, socketDir, listen, addrFile, logFormat, logLevel string
+	var stateDir, socketDir, listen, addrFile, logFormat, logLevel, testSeed string
 	var rsaBits int
 	serve := &cobra.Command{
 		Use:   "serve",
 		Short: "Run the KDS/admin HTTP server and every registered launch's report channel",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log := daemon.Logger("fakesnp", logFormat, logLevel)
+			// fakesnp is a test tool: its chip secrets and signatures may follow from a seed.
+			if seed, ok, err := detrand.ParseSeed(testSeed); err != nil {
+				return err
+			} else if ok {
+				if err := detrand.Install(seed, "fakesnp"); err != nil {
+					return err
+				}
+				log.Warn("test seed in use: chip secrets, report ids and signatures follow from it", "test_seed", seed)
+			}
 			ctx, stop := daemon.SignalContext()
 			defer stop()
 			s, err := fakesnp.New(fakesnp.Options{StateDir: stateDir, SocketDir: socketDir, RSABits: rsaBits, Logger: log})
@@ -52,6 +62,7 @@ func newRoot() *cobra.Command {
 	serve.Flags().StringVar(&listen, "listen", "127.0.0.1:0", "HTTP address (host:port or unix:/path) for the KDS and admin API")
 	serve.Flags().StringVar(&addrFile, "addr-file", "", "write the bound address here once listening")
 	serve.Flags().IntVar(&rsaBits, "rsa-bits", 4096, "ARK/ASK key size when creating a new chain")
+	serve.Flags().StringVar(&testSeed, "test-seed", "", detrand.FlagHelp)
 	serve.Flags().StringVar(&logFormat, "log-format", "text", "text or json")
 	serve.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	_ = serve.MarkFlagRequired("state-dir")

@@ -18,7 +18,9 @@ import (
 	"github.com/svsm-e2e/svsm-e2e/guest"
 	"github.com/svsm-e2e/svsm-e2e/guestos"
 	"github.com/svsm-e2e/svsm-e2e/internal/daemon"
+	"github.com/svsm-e2e/svsm-e2e/internal/detrand"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
+	"github.com/svsm-e2e/svsm-e2e/svsm/vtpm"
 )
 
 const (
@@ -48,7 +50,7 @@ func main() {
 }
 
 func runCmd() *cobra.Command {
-	var hostJSON, then, recoveryFile, controlSocket string
+	var hostJSON, then, recoveryFile, controlSocket, testSeed string
 	cfg := guest.Config{Out: os.Stdout}
 	cmd := &cobra.Command{
 		Use:   "run --host-json FILE --state-disk FILE [--data-disk FILE] [--then ACTIONS]",
@@ -86,6 +88,17 @@ first boot. Events go to stdout, one per line: SVSM-E2E-EVENT {"event":..,"layer
 				defer c.Close()
 				cfg.Control = c
 			}
+			if seed, ok, err := detrand.ParseSeed(testSeed); err != nil {
+				return err
+			} else if ok {
+				// Process-wide, before anything draws: crypto/rand and the vTPM's C entropy.
+				if err := detrand.Install(seed, "guest"); err != nil {
+					return err
+				}
+				if err := vtpm.SetSeed(detrand.Key(seed, "vtpm")); err != nil {
+					return err
+				}
+			}
 			ctx, stop := daemon.SignalContext()
 			defer stop()
 			_, err = guest.Run(ctx, cfg)
@@ -105,6 +118,7 @@ first boot. Events go to stdout, one per line: SVSM-E2E-EVENT {"event":..,"layer
 	f.DurationVar(&cfg.AttestTimeout, "attest-timeout", 60*time.Second, "bound on attestation and each confirmation")
 	f.StringVar(&controlSocket, "control-socket", "", "unix socket of the control channel: one action per line after --then (poweroff/reboot ends)")
 	f.StringVar(&cfg.CrashAfter, "crash-after", "", "fault injection: SIGKILL itself right after the event EVENT[=WHY|ACTION]")
+	f.StringVar(&testSeed, "test-seed", "", detrand.FlagHelp)
 	f.StringVar(&cfg.CrashAt, "crash-at", "", "fault injection: cut the power at a registered write point NAME[#n][:torn] (svsm-e2e crash-points lists them)")
 	return cmd
 }

@@ -20,6 +20,7 @@ import (
 
 	"github.com/svsm-e2e/svsm-e2e/internal/crashpoint"
 	"github.com/svsm-e2e/svsm-e2e/internal/daemon"
+	"github.com/svsm-e2e/svsm-e2e/internal/detrand"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 	"github.com/svsm-e2e/svsm-e2e/verifier"
 )
@@ -49,7 +50,7 @@ func newRoot() *cobra.Command {
 
 func serveCmd() *cobra.Command {
 	var opts verifier.Options
-	var listen, adminListen, addrFile, adminAddrFile, rootsFile, logFormat, logLevel, crashAt string
+	var listen, adminListen, addrFile, adminAddrFile, rootsFile, logFormat, logLevel, crashAt, testSeed string
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Serve the KBS protocol and the admin API",
@@ -61,6 +62,19 @@ func serveCmd() *cobra.Command {
 					return fmt.Errorf("trusted roots: %w", err)
 				}
 				opts.TrustedRootsPEM = b
+			}
+			if seed, ok, err := detrand.ParseSeed(testSeed); err != nil {
+				return usageErr{err}
+			} else if ok {
+				// Predictable keys are for a fake AMD chain only: trusting the genuine roots
+				// means real guests, and their secrets must not follow from a number.
+				if rootsFile == "" {
+					return usageErr{errors.New("--test-seed is refused with AMD's genuine roots; it needs --trusted-roots of a test chain")}
+				}
+				if err := detrand.Install(seed, "verifier"); err != nil {
+					return err
+				}
+				opts.Logger.Warn("test seed in use: every key, nonce and boot id follows from it", "test_seed", seed)
 			}
 			crash, err := crashpoint.New(crashAt, crashpoint.KillSelf)
 			if err != nil {
@@ -108,6 +122,7 @@ func serveCmd() *cobra.Command {
 	f.DurationVar(&opts.KDS.NegativeTTL, "kds-negative-ttl", time.Minute, "how long a KDS 'no such certificate' answer is remembered")
 	f.DurationVar(&opts.KDS.OutageTTL, "kds-outage-ttl", 5*time.Second, "how long an unreachable KDS is remembered before it is tried again")
 	f.BoolVar(&opts.CheckCRL, "check-crl", false, "fetch the product CRL from the KDS and refuse a revoked ASK")
+	f.StringVar(&testSeed, "test-seed", "", detrand.FlagHelp+"; needs --trusted-roots")
 	f.StringVar(&crashAt, "crash-at", "", "fault injection: die at a registered point NAME[#n] (verifier/...; svsm-e2e crash-points lists them)")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")

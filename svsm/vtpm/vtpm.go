@@ -99,8 +99,15 @@ func (t *TPM) Checkpoint() ([]byte, error) {
 	if t.closed {
 		return nil, errors.New("vtpm: powered off")
 	}
+	if err := t.scrub(); err != nil {
+		return nil, err
+	}
 	return nvSave(), nil
 }
+
+// scrub zeroes the stack garbage NV index entries carry (see scrubIndexPadding). The caller
+// holds t.mu.
+func (t *TPM) scrub() error { return scrubIndexPadding(indexHandles()) }
 
 // Shutdown sends TPM2_Shutdown(CLEAR), returns the NV image and releases the simulator.
 func (t *TPM) Shutdown() ([]byte, error) {
@@ -108,6 +115,9 @@ func (t *TPM) Shutdown() ([]byte, error) {
 	defer t.mu.Unlock()
 	if t.closed {
 		return nil, errors.New("vtpm: powered off")
+	}
+	if err := t.scrub(); err != nil {
+		return nil, err
 	}
 	t.closed = true
 	if err := t.sim.Close(); err != nil { // Close sends Shutdown(CLEAR)

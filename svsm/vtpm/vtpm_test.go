@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/google/go-tpm-tools/client"
@@ -155,5 +156,50 @@ func TestRestoreRejectsBadImageSize(t *testing.T) {
 		if _, err := Restore(make([]byte, n)); err == nil {
 			t.Fatalf("%d-byte NV image accepted", n)
 		}
+	}
+}
+
+// TestNVIndexLayout pins what scrubIndexPadding assumes of NV_INDEX in s_NV (go-tpm-tools
+// v0.4.10, Global.h): the handle at the start, dataSize at 78, the TPM2B_AUTH at 80, the
+// struct 148 bytes (so the fields end at 146), the entry's size field just before it; and
+// that a saved image carries zeros in the padding.
+func TestNVIndexLayout(t *testing.T) {
+	tpm, err := Manufacture()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(tpm.Close)
+	rw := tpm.Transport()
+	const h, dataSize = 0x01500077, 40
+	auth := strings.Repeat("A", 20) // SHA-1 name algorithm: at most 20 bytes
+	if err := tpm2.NVDefineSpace(rw, tpm2.HandleOwner, h, "", auth, nil, tpm2.AttrOwnerWrite|tpm2.AttrOwnerRead|tpm2.AttrNoDA, dataSize); err != nil {
+		t.Fatal(err)
+	}
+	img, err := tpm.Checkpoint()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := int(indexRef(h))
+	if ref < 4 {
+		t.Fatalf("NvFindHandle(%#x) = %d", h, ref)
+	}
+	le16 := func(o int) int { return int(img[o]) | int(img[o+1])<<8 }
+	le32 := func(o int) uint32 {
+		return uint32(img[o]) | uint32(img[o+1])<<8 | uint32(img[o+2])<<16 | uint32(img[o+3])<<24
+	}
+	if got := le32(ref); got != h {
+		t.Fatalf("handle at the entry's start is %#x", got)
+	}
+	if got := le16(ref + 78); got != dataSize {
+		t.Fatalf("dataSize at 78 is %d, want %d", got, dataSize)
+	}
+	if got := le16(ref + 80); got != len(auth) || string(img[ref+82:ref+82+len(auth)]) != auth {
+		t.Fatalf("TPM2B_AUTH not at 80: size %d", got)
+	}
+	if got := int(le32(ref-4)) - 4 - dataSize; got != nvIndexSize {
+		t.Fatalf("sizeof(NV_INDEX) = %d, the scrub assumes %d", got, nvIndexSize)
+	}
+	if img[ref+nvIndexFieldsEnd] != 0 || img[ref+nvIndexFieldsEnd+1] != 0 {
+		t.Fatal("the saved image carries stack garbage in NV_INDEX's padding")
 	}
 }
