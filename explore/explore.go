@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/svsm-e2e/svsm-e2e/internal/detrand"
 )
 
 // Budget bounds an exploration: whichever of its limits is reached first (zero = no limit;
@@ -65,6 +67,7 @@ func Explore(ctx context.Context, o Options, seed uint64, b Budget, progress fun
 			return rep, err
 		}
 		steps := Generate(rng, SequenceLen)
+		o.Seed = SequenceSeed(seed, rep.Sequences)
 		res, err := Run(ctx, o, steps)
 		if err != nil {
 			return rep, err
@@ -90,10 +93,17 @@ func Explore(ctx context.Context, o Options, seed uint64, b Budget, progress fun
 	}
 }
 
+// SequenceSeed is the test seed of an exploration's n-th sequence (from 0): the --seed of
+// its replay.
+func SequenceSeed(seed uint64, n int) uint64 {
+	return detrand.Derive(seed, fmt.Sprintf("sequence#%d", n))
+}
+
 // Shrink removes steps from a failing run while the same rule still breaks: first the tail
 // after the violation, then chunks of halving size, then single steps (a greedy ddmin). Each
 // candidate runs on a fresh stack.
 func Shrink(ctx context.Context, o Options, failing *Result, progress func(string)) (*Result, error) {
+	o.Seed = failing.Seed // every candidate redraws the failing run's bytes
 	return shrink(failing, func(steps []Step) (*Result, error) { return Run(ctx, o, steps) }, progress)
 }
 
@@ -148,7 +158,7 @@ func Command(res *Result) string {
 	if res.WriteThrough {
 		mode = "--write-through "
 	}
-	return fmt.Sprintf("svsm-e2e explore %s--replay '%s'", mode, Format(res.Steps))
+	return fmt.Sprintf("svsm-e2e explore %s--seed %d --replay '%s'", mode, res.Seed, Format(res.Steps))
 }
 
 // Spec is a ready Ginkgo spec for the scenarios package (its replay helper) that replays a
@@ -160,11 +170,11 @@ func Spec(res *Result) string {
 		title = "explorer: " + res.Violation.Rule
 	}
 	fmt.Fprintf(&b, "It(%q, Label(\"backend:process\", \"explore\"), func() {\n", title)
+	mode := ""
 	if res.WriteThrough {
-		fmt.Fprintf(&b, "\tres := replay(%q, writeThrough)\n", Format(res.Steps))
-	} else {
-		fmt.Fprintf(&b, "\tres := replay(%q)\n", Format(res.Steps))
+		mode = ", writeThrough"
 	}
+	fmt.Fprintf(&b, "\tres := replay(%q, seed(%d)%s)\n", Format(res.Steps), res.Seed, mode)
 	b.WriteString("\tExpect(res.Violation).To(BeNil(), \"%s\", strings.Join(res.Log, \"\\n\"))\n")
 	b.WriteString("})\n")
 	return b.String()

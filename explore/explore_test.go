@@ -25,6 +25,16 @@ func TestParseFormat(t *testing.T) {
 		{in: "corrupt -1", bad: true},
 		{in: "corrupt 99999999999", bad: true},
 		{in: strings.Repeat("boot;", MaxSteps+1), bad: true},
+		{in: "clone after;clone before;clone;swap", want: "clone after;clone before;clone;swap"},
+		{in: "clone sideways", bad: true},
+		{in: "swap now", bad: true},
+		{in: "mitm forge@2;mitm drop-answer@16;mitm attest-key;mitm delay;relaunch tcb", want: "mitm forge@2;mitm drop-answer@16;mitm attest-key;mitm delay;relaunch tcb"},
+		{in: "mitm forge@0", bad: true},
+		{in: "mitm forge@17", bad: true},
+		{in: "mitm forge@", bad: true},
+		{in: "mitm attest-flip@2", bad: true}, // only confirmations are numbered
+		{in: "mitm delay@1", bad: true},
+		{in: "mitm attest-sing", bad: true},
 	} {
 		steps, err := Parse(tc.in)
 		if tc.bad {
@@ -84,6 +94,33 @@ func TestGenerate(t *testing.T) {
 	for op := range opDocs {
 		if !ops[op] {
 			t.Errorf("1000 steps never drew %s", op)
+		}
+	}
+	// Every attack, relaunch and clone order comes up, and runtime confirmations are aimed at.
+	args := map[string]bool{}
+	for _, s := range Generate(rand.New(rand.NewPCG(3, 4)), 5000) {
+		kind, n, numbered := strings.Cut(s.Arg, "@")
+		switch s.Op {
+		case "mitm", "relaunch", "clone":
+			args[s.Op+" "+kind] = true
+		}
+		if numbered {
+			args["@"+n] = true
+		}
+	}
+	var want []string
+	for _, k := range mitmKindNames() {
+		want = append(want, "mitm "+k)
+	}
+	for _, k := range relaunchKinds {
+		want = append(want, "relaunch "+k)
+	}
+	for _, o := range cloneOrders {
+		want = append(want, "clone "+o)
+	}
+	for _, w := range append(want, "@2", "@3") {
+		if !args[w] {
+			t.Errorf("5000 steps never drew %q", w)
 		}
 	}
 }

@@ -1,11 +1,18 @@
 package explore
 
 import (
+	"bytes"
 	"context"
+	"crypto/ecdh"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -14,6 +21,8 @@ import (
 
 	"github.com/svsm-e2e/svsm-e2e/fakesnp"
 	"github.com/svsm-e2e/svsm-e2e/harness"
+	"github.com/svsm-e2e/svsm-e2e/internal/detrand"
+	"github.com/svsm-e2e/svsm-e2e/protocol"
 	"github.com/svsm-e2e/svsm-e2e/verifier"
 )
 
@@ -33,7 +42,11 @@ type Options struct {
 	// WriteThrough runs the VM in write-through mode: every runtime write is confirmed, so
 	// the default mode's rollback within a boot is not tolerated by the model.
 	WriteThrough bool
-	Logger       *slog.Logger
+	// Seed is the run's test seed: every process's keys, nonces, boot ids and vTPM follow
+	// from it (process backend; a VM's guest draws from its own kernel), so a replay with
+	// the same seed leaves the same events and disk bytes (Result.Digests).
+	Seed   uint64
+	Logger *slog.Logger
 }
 
 // The invariants, as named in a Violation.
@@ -46,9 +59,9 @@ const (
 	RuleBrick       = "honest-boot-refused"    // the last good state, primed, did not boot
 	RuleNoReason    = "refusal-without-reason" // a boot ended without a failed event with layer and reason
 	RuleCounterBack = "verifier-counter-went-back"
-	RuleAttackTaken = "attacked-confirmation-taken" // the guest ran on a confirmation the host forged, replayed or cut
-	RuleNoAudit     = "refusal-without-audit"       // the verifier refused a release and its audit does not say so
-	RuleWrongLaunch = "wrong-launch-accepted"       // a VM launched other than registered ran
+	RuleAttackTaken = "attacked-answer-taken" // the guest ran on an attestation or confirmation the host forged, replayed or cut
+	RuleNoAudit     = "refusal-without-audit" // the verifier refused a release and its audit does not say so
+	RuleWrongLaunch = "wrong-launch-accepted" // a VM launched other than registered ran
 )
 
 // Violation is an invariant a step broke.
@@ -70,6 +83,21 @@ type Result struct {
 	Dir       string // the run's artifact bundle (kept when Violation != nil or Options.Keep)
 	// WriteThrough: the run's VM was in write-through mode (a replay needs the same).
 	WriteThrough bool
+	// Seed is the run's test seed (Options.Seed): a replay with it redraws the same bytes.
+	Seed uint64
+	// Digests has one entry per step run: SHA-256 of the events of the step's boots and of
+	// the VM's state disk after it. Two runs of one sequence and seed agree on every entry,
+	// except after a clone race, whose winner is the scheduler's choice.
+	Digests []string
+}
+
+// Digest is one hash over every step's digest: what to compare between two runs.
+func (r *Result) Digest() string {
+	h := sha256.New()
+	for _, d := range r.Digests {
+		h.Write([]byte(d))
+	}
+	return hex.EncodeToString(h.Sum(nil))
 }
 
 // model is what the guest and verifier may accept, from the host's actions alone.
@@ -116,12 +144,13 @@ func Run(ctx context.Context, o Options, steps []Step) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	res := &Result{Steps: steps, Dir: dir, WriteThrough: o.WriteThrough}
+	res := &Result{Steps: steps, Dir: dir, WriteThrough: o.WriteThrough, Seed: o.Seed}
 	logger := o.Logger
 	if logger == nil {
 		logger = slog.New(slog.DiscardHandler)
 	}
-	s, err := harness.NewStack(ctx, harness.StackOptions{WorkDir: dir, Binaries: o.Binaries, CADir: o.CADir, Logger: logger, Backend: o.Backend})
+	s, err := harness.NewStack(ctx, harness.StackOptions{WorkDir: dir, Binaries: o.Binaries, CADir: o.CADir, Logger: logger, Backend: o.Backend,
+		Seed: o.Seed, Seeded: true})
 	if err != nil {
 		return nil, fmt.Errorf("explore: start stack: %w", err)
 	}
@@ -131,11 +160,18 @@ func Run(ctx context.Context, o Options, steps []Step) (*Result, error) {
 			_ = os.RemoveAll(dir)
 		}
 	}()
-	vm, err := s.NewVM(ctx, harness.VMOptions{Name: "vm", DataDiskMiB: -1, NoSecureBoot: true, WriteThrough: o.WriteThrough})
+	// The registration pins the platform's TCB, so a relaunch below it must be refused.
+	minTCB := fakesnp.DefaultTCB
+	vm, err := s.NewVM(ctx, harness.VMOptions{Name: "vm", DataDiskMiB: -1, NoSecureBoot: true, WriteThrough: o.WriteThrough,
+		Spec: verifier.VMSpec{MinTCB: &minTCB}})
 	if err != nil {
 		return nil, fmt.Errorf("explore: new VM: %w", err)
 	}
-	mitm, err := startConfirmMITM(s.Host.RunPath("explore-mitm.sock"), s.ProxySocket())
+	hostKey, err := hostKey(o.Seed)
+	if err != nil {
+		return nil, err
+	}
+	mitm, err := startConfirmMITM(s.Host.RunPath("explore-mitm.sock"), s.ProxySocket(), hostKey)
 	if err != nil {
 		return nil, fmt.Errorf("explore: MITM: %w", err)
 	}
@@ -146,11 +182,17 @@ func Run(ctx context.Context, o Options, steps []Step) (*Result, error) {
 	r := &runner{o: o, s: s, vm: vm, mitm: mitm, m: model{accept: []string{""}, snaps: map[string]image{}}, res: res}
 	for i, st := range steps {
 		r.step = i + 1
+		r.runs = nil
 		line, v, err := r.do(ctx, st)
 		res.Log = append(res.Log, fmt.Sprintf("%3d %-18s %s", i+1, st, line))
 		if err != nil {
 			return res, fmt.Errorf("explore: step %d (%s): %w", i+1, st, err)
 		}
+		d, err := r.digest()
+		if err != nil {
+			return res, fmt.Errorf("explore: step %d (%s): digest: %w", i+1, st, err)
+		}
+		res.Digests = append(res.Digests, d)
 		if v == nil {
 			v, err = r.checkVerifier(ctx)
 			if err != nil {
@@ -167,6 +209,22 @@ func Run(ctx context.Context, o Options, steps []Step) (*Result, error) {
 	return res, nil
 }
 
+// hostKey is the P-521 key the host puts in an attestation request (mitm attest-key), drawn
+// from the run's seed.
+func hostKey(seed uint64) (protocol.ECPublicKey, error) {
+	b := make([]byte, 66)
+	if _, err := io.ReadFull(detrand.New(seed, "explore/host-key"), b); err != nil {
+		return protocol.ECPublicKey{}, err
+	}
+	b[0] = 0 // below the group order
+	k, err := ecdh.P521().NewPrivateKey(b)
+	if err != nil {
+		return protocol.ECPublicKey{}, fmt.Errorf("explore: host key: %w", err)
+	}
+	pub := k.PublicKey().Bytes() // 0x04 || X || Y
+	return protocol.ECPublicKey{X: pub[1:67], Y: pub[67:]}, nil
+}
+
 type runner struct {
 	// serviceCrash: the current step crashes the verifier or proxy on purpose, so a refusal
 	// is expected and the dying service may not have audited it.
@@ -178,6 +236,43 @@ type runner struct {
 	m            model
 	res          *Result
 	step         int
+	runs         []*harness.GuestRun // the boots of the current step, for its digest
+	other        *harness.VM         // the VM whose disk swap puts in (made on first use)
+}
+
+// digest hashes what the current step's boots printed (every event, in order, and how each
+// ended) and the VM's state disk as it is now. The run's own directories, which events name
+// (the state disk's path), are written as $RUN and $SOCK: they are temporary names, not
+// draws of the run.
+func (r *runner) digest() (string, error) {
+	h := sha256.New()
+	sock := filepath.Clean(r.s.Host.RunPath(""))
+	for _, run := range r.runs {
+		for _, ev := range run.Events {
+			b, err := json.Marshal(ev)
+			if err != nil {
+				return "", err
+			}
+			b = bytes.ReplaceAll(b, []byte(sock), []byte("$SOCK"))
+			b = bytes.ReplaceAll(b, []byte(r.res.Dir), []byte("$RUN"))
+			h.Write(b)
+			h.Write([]byte{'\n'})
+		}
+		fmt.Fprintf(h, "exit %d\n", run.ExitCode)
+	}
+	f, err := os.Open(r.vm.StateDisk)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		h.Write([]byte("no state disk"))
+	case err != nil:
+		return "", err
+	default:
+		defer f.Close()
+		if _, err := io.Copy(h, f); err != nil {
+			return "", err
+		}
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 func (r *runner) do(ctx context.Context, st Step) (string, *Violation, error) {
@@ -262,7 +357,9 @@ func (r *runner) do(ctx context.Context, st Step) (string, *Violation, error) {
 		m.disk.damaged = true
 		return fmt.Sprintf("byte %d flipped", off), nil, nil
 	case "clone":
-		return r.clone(ctx)
+		return r.clone(ctx, st.Arg)
+	case "swap":
+		return r.swap(ctx)
 	case "crash-service":
 		return r.crashService(ctx, st.Arg)
 	case "relaunch":
@@ -276,6 +373,10 @@ func (r *runner) do(ctx context.Context, st Step) (string, *Violation, error) {
 				l.Policy = fakesnp.DefaultPolicy | fakesnp.PolicyDebug
 			case "other-chip":
 				l.Faults.SignWithChip = "chip-other"
+			case "tcb":
+				tcb := fakesnp.DefaultTCB
+				tcb.SnpSpl-- // one security patch level below the registered minimum
+				l.TCB = &tcb
 			}
 		})
 		if err != nil {
@@ -347,8 +448,9 @@ func (r *runner) boot(ctx context.Context, o harness.BootOptions) (string, *Viol
 	if err != nil {
 		return "", nil, err
 	}
+	r.runs = append(r.runs, run)
 	line, end, v := r.outcome(run, write, o.CrashAt != "")
-	if v == nil && !r.serviceCrash {
+	if v == nil && !r.serviceCrash && !r.mitm.refusedByHost() {
 		v, err = r.checkAudit(ctx, mark, run)
 		if err != nil {
 			return "", nil, err
@@ -362,13 +464,19 @@ func (r *runner) boot(ctx context.Context, o harness.BootOptions) (string, *Viol
 	case end == ran && r.m.badLaunch != "":
 		return line, &Violation{Rule: RuleWrongLaunch, Detail: "the VM ran though launched with " + r.m.badLaunch + " changed"}, nil
 	case end == ran && attacked:
-		return line, &Violation{Rule: RuleAttackTaken, Detail: "the guest booted on a confirmation the host attacked"}, nil
+		return line, &Violation{Rule: RuleAttackTaken, Detail: "the guest booted though the host attacked its attestation or confirmation (" + r.mitm.arg() + ")"}, nil
 	case end == ran:
 		return line, nil, r.afterBoot(run, write)
 	case end == powerCut:
 		return line, nil, r.afterCut(ctx, run, write)
 	case must && !attacked:
 		return line, &Violation{Rule: RuleBrick, Detail: "the disk held the current state undamaged, a boot request was primed, and the boot was refused: " + line}, nil
+	}
+	if read, ok := run.Action("nv-read", 0); ok && attacked {
+		// The attack came after the workload started (a write-through runtime confirmation):
+		// the verifier may have confirmed the write the guest then halted on, so the next
+		// boot may read either value, as after a power cut.
+		r.m.accept = []string{read.String("nv_data"), write}
 	}
 	return line, nil, r.afterRefusal(ctx, attacked || r.serviceCrash)
 }
@@ -532,8 +640,12 @@ func (r *runner) observePending(ctx context.Context) error {
 	return nil
 }
 
-// clone: a second instance from the same disk, one boot request, both boot at once.
-func (r *runner) clone(ctx context.Context) (string, *Violation, error) {
+// clone: a second instance from the same disk, one boot request, both booting. order ""
+// starts both at once (a race: which one the verifier serves first is the scheduler's
+// choice, so the run's bytes may differ between replays); "after" starts the clone once the
+// original has attested or failed, "before" the other way round, both instances alive
+// together, so a replay redraws the same bytes.
+func (r *runner) clone(ctx context.Context, order string) (string, *Violation, error) {
 	c, err := r.s.Clone(r.vm, fmt.Sprintf("clone%d", r.step))
 	if err != nil {
 		return "", nil, err
@@ -548,20 +660,43 @@ func (r *runner) clone(ctx context.Context) (string, *Violation, error) {
 		return "", nil, err
 	}
 	vms := []*harness.VM{r.vm, c}
+	opts := func(i int) harness.BootOptions {
+		return harness.BootOptions{NoPrime: true, Actions: []string{"nv-read", "nv-write=" + writes[i]}, Timeout: r.o.BootTimeout}
+	}
 	runs := make([]*harness.GuestRun, 2)
 	errs := make([]error, 2)
-	var wg sync.WaitGroup
-	for i := range vms {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			runs[i], errs[i] = vms[i].Boot(ctx, harness.BootOptions{NoPrime: true, Actions: []string{"nv-read", "nv-write=" + writes[i]}, Timeout: r.o.BootTimeout})
-		}()
+	if order == "" {
+		var wg sync.WaitGroup
+		for i := range vms {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				runs[i], errs[i] = vms[i].Boot(ctx, opts(i))
+			}()
+		}
+		wg.Wait()
+	} else {
+		first, second := 0, 1
+		if order == "before" {
+			first, second = 1, 0
+		}
+		running, err := vms[first].Start(ctx, opts(first))
+		if err != nil {
+			return "", nil, err
+		}
+		// Attested or failed: the verifier has decided for the first instance.
+		_, errs[first] = running.WaitForEvent(ctx, r.o.BootTimeout, func(e protocol.Event) bool {
+			return e.Event == "attested" || e.Event == "failed"
+		})
+		runs[second], errs[second] = vms[second].Boot(ctx, opts(second))
+		var werr error
+		runs[first], werr = running.Wait(ctx)
+		errs[first] = errors.Join(errs[first], werr)
 	}
-	wg.Wait()
 	if err := errors.Join(errs...); err != nil {
 		return "", nil, err
 	}
+	r.runs = append(r.runs, runs...)
 	var lines []string
 	winner := -1
 	for i, run := range runs {
@@ -597,6 +732,31 @@ func (r *runner) clone(ctx context.Context) (string, *Violation, error) {
 		}
 	}
 	return line, nil, r.afterBoot(runs[winner], writes[winner])
+}
+
+// swap puts another registered VM's state disk in place of this VM's: sound state, another
+// VM's key. The other VM is made and booted once on first use.
+func (r *runner) swap(ctx context.Context) (string, *Violation, error) {
+	if r.other == nil {
+		o, err := r.s.NewVM(ctx, harness.VMOptions{Name: "other", DataDiskMiB: -1, NoSecureBoot: true, WriteThrough: r.o.WriteThrough})
+		if err != nil {
+			return "", nil, err
+		}
+		run, err := o.Boot(ctx, harness.BootOptions{Actions: []string{"nv-write=other"}, Timeout: r.o.BootTimeout})
+		if err != nil {
+			return "", nil, err
+		}
+		r.runs = append(r.runs, run)
+		if run.ExitCode != 0 {
+			return "", nil, fmt.Errorf("the other VM's first boot failed: %+v", run.Last())
+		}
+		r.other = o
+	}
+	if err := r.vm.LoadState(r.other.StateDisk); err != nil {
+		return "", nil, err
+	}
+	r.m.disk = image{gen: r.m.gen, damaged: true} // sound, but not this VM's
+	return "disk holds the other VM's state", nil, nil
 }
 
 func (r *runner) auditLen(ctx context.Context) (int, error) {

@@ -40,18 +40,22 @@ var opDocs = map[string]string{
 	"recover":          "put back the host's backup of the disk after the last good boot (what an honest host does)",
 	"wipe":             "zero the whole state disk",
 	"corrupt":          "flip one byte of the state disk at an offset",
-	"clone":            "copy the disk into a second instance; prime once; boot both at once; keep the winner's disk",
+	"clone":            "copy the disk into a second instance; prime once; boot both and keep the winner's disk: at once (no argument: a race, served in the scheduler's order), or in order (after: the clone starts once the original has attested or failed; before: the other way round)",
+	"swap":             "put another registered VM's state disk (booted once on first use) in place of this VM's",
 	"restart-verifier": "kill -9 the verifier and start it again on its database",
 	"restart-proxy":    "kill -9 the proxy and start it again",
 	"crash":            "prime and boot, cutting the power at a registered guest write point (NAME or NAME:torn)",
-	"mitm":             "prime and boot with the confirmation attacked (" + strings.Join(mitmKindNames(), ", ") + ")",
+	"mitm":             "prime and boot with a channel attacked: the confirmation (" + strings.Join(confirmKindNames(), ", ") + "; KIND@N attacks only the boot's N-th confirmation, N > 1 being write-through runtime writes) or the attestation (" + strings.Join(attestKindNames(), ", ") + "), or delayed (" + strings.Join(benignKindNames(), ", ") + ", which must not refuse)",
 	"crash-service":    "restart the verifier or proxy to die at a registered point (NAME or NAME:torn), prime and boot, then restart it normally",
 	"relaunch":         "launch the VM differently at fakesnp (" + strings.Join(relaunchKinds, ", ") + "); original launches it as registered again",
 }
 
-// relaunchKinds: other image (measurement), debug policy, reports signed by another chip,
-// or back to the registered launch.
-var relaunchKinds = []string{"measurement", "debug", "other-chip", "original"}
+// relaunchKinds: other image (measurement), debug policy, reports signed by another chip, a
+// platform TCB below the registered minimum, or back to the registered launch.
+var relaunchKinds = []string{"measurement", "debug", "other-chip", "tcb", "original"}
+
+// cloneOrders: "" races the two instances; after and before order them.
+var cloneOrders = []string{"", "after", "before"}
 
 // crashPrefixes are the guest write points a default-mode VM without Secure Boot or LUKS
 // passes on an ordinary boot (the others need another VM kind; the crash suite covers them).
@@ -86,8 +90,6 @@ func serviceCrashPoints() []string {
 	}
 	return out
 }
-
-func mitmKindNames() []string { return slices.Sorted(maps.Keys(mitmKinds)) }
 
 // Ops lists the known ops with their description, sorted by name.
 func Ops() []string {
@@ -144,8 +146,12 @@ func (s Step) check() error {
 			return fmt.Errorf("not a crash point of the explorer's VM (svsm-e2e crash-points; prefixes %s)", strings.Join(crashPrefixes, " "))
 		}
 	case "mitm":
-		if _, ok := mitmKinds[s.Arg]; !ok {
-			return fmt.Errorf("the attack is one of %s", strings.Join(mitmKindNames(), ", "))
+		if _, _, err := parseMITM(s.Arg); err != nil {
+			return err
+		}
+	case "clone":
+		if !slices.Contains(cloneOrders, s.Arg) {
+			return errors.New("the order is after, before, or none (a race)")
 		}
 	case "crash-service":
 		if !slices.Contains(serviceCrashPoints(), s.Arg) {
@@ -181,8 +187,8 @@ var weights = []struct {
 	w  int
 }{
 	{"boot", 30}, {"boot-unprimed", 5}, {"prime", 4}, {"snapshot", 14}, {"restore", 12},
-	{"recover", 5}, {"wipe", 2}, {"corrupt", 4}, {"clone", 7}, {"restart-verifier", 4}, {"restart-proxy", 3},
-	{"crash", 8}, {"mitm", 6}, {"relaunch", 4}, {"crash-service", 5},
+	{"recover", 5}, {"wipe", 2}, {"corrupt", 4}, {"clone", 7}, {"swap", 2}, {"restart-verifier", 4}, {"restart-proxy", 3},
+	{"crash", 8}, {"mitm", 8}, {"relaunch", 4}, {"crash-service", 5},
 }
 
 // Generate draws n steps from r. The first step is a boot (the VM's first boot). The draw is
@@ -232,6 +238,12 @@ func Generate(r *rand.Rand, n int) []Step {
 		case "mitm":
 			kinds := mitmKindNames()
 			s.Arg = kinds[r.IntN(len(kinds))]
+			if _, ok := confirmKinds[s.Arg]; ok && r.IntN(3) == 0 {
+				s.Arg += "@" + strconv.Itoa(2+r.IntN(2)) // a runtime write's confirmation (write-through)
+			}
+		case "clone":
+			// Mostly ordered, so that a generated sequence replays bit for bit; one in four races.
+			s.Arg = []string{"after", "before", "after", ""}[r.IntN(4)]
 		case "crash-service":
 			points := serviceCrashPoints()
 			s.Arg = points[r.IntN(len(points))]
@@ -243,7 +255,7 @@ func Generate(r *rand.Rand, n int) []Step {
 			}
 		}
 		switch s.Op {
-		case "restore", "wipe", "corrupt", "recover", "crash", "mitm", "relaunch", "crash-service":
+		case "restore", "wipe", "corrupt", "recover", "crash", "mitm", "relaunch", "crash-service", "swap":
 			tampered = true
 		case "boot", "boot-unprimed", "clone":
 			tampered = false

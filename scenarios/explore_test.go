@@ -34,6 +34,9 @@ func exploreOptions() explore.Options {
 // writeThrough runs a replay's VM in write-through mode.
 func writeThrough(o *explore.Options) { o.WriteThrough = true }
 
+// seed gives a replay its run's test seed (as a finding's replay command does).
+func seed(n uint64) func(*explore.Options) { return func(o *explore.Options) { o.Seed = n } }
+
 // replay runs one explorer sequence (the form `svsm-e2e explore` prints for a finding).
 func replay(line string, change ...func(*explore.Options)) *explore.Result {
 	GinkgoHelper()
@@ -82,6 +85,39 @@ var _ = Describe("Explorer", Label("backend:process", "explore", "attack"), func
 		o := exploreOptions()
 		writeThrough(&o)
 		exploreClean(o, 200, 4, freshSeed("write-through explorer"))
+	})
+
+	// Determinism: one seed fixes every draw of every process (keys, nonces, boot ids, the
+	// vTPM's seeds and clock, the state disk's nonces), so a replay leaves the same events
+	// and disk bytes after every step, and another seed does not.
+	It("a seeded run replays bit for bit: the same events and state disk after every step; another seed differs", func() {
+		const line = "boot;snapshot a;boot;restore a;boot;recover;clone after;crash guest/state/tpm-nv/write:torn;boot;mitm forge@2;mitm attest-flip;boot;restart-verifier;swap;recover;boot"
+		a, b := replay(line, seed(21)), replay(line, seed(21))
+		Expect(a.Violation).To(BeNil(), "%s", strings.Join(a.Log, "\n"))
+		Expect(a.Digests).To(HaveLen(strings.Count(line, ";") + 1))
+		for i := range a.Digests {
+			Expect(b.Digests[i]).To(Equal(a.Digests[i]), "step %d (%s) differs between two runs of seed 21:\n%s\n---\n%s",
+				i+1, a.Steps[i], strings.Join(a.Log, "\n"), strings.Join(b.Log, "\n"))
+		}
+		Expect(b.Log).To(Equal(a.Log))
+		c := replay(line, seed(22))
+		Expect(c.Digests[0]).NotTo(Equal(a.Digests[0]), "seed 22's first boot drew seed 21's bytes")
+		Expect(c.Log).To(Equal(a.Log), "the seed changes the bytes, not what the stack decides")
+	})
+
+	It("attacks on the attestation, on write-through runtime confirmations, a disk swapped in from another VM, and a relaunch below the minimum TCB are refused; a delay is not", func() {
+		res := replay("boot;mitm attest-replay;mitm attest-flip;mitm attest-key;mitm attest-drop;boot;mitm delay;swap;boot;recover;relaunch tcb;boot;relaunch original;boot;mitm forge@2;boot;mitm replace@2;boot", writeThrough)
+		Expect(res.Violation).To(BeNil(), "%s", strings.Join(res.Log, "\n"))
+		for _, i := range []int{1, 2, 3, 4} {
+			Expect(res.Log[i]).To(ContainSubstring("refused: svsm/attestation-failed"), "step %d", i+1)
+		}
+		Expect(res.Log[5]).To(ContainSubstring(`booted: read "d1"`))
+		Expect(res.Log[6]).To(ContainSubstring("booted"), "a delayed answer inside the bounds is no refusal")
+		Expect(res.Log[8]).To(ContainSubstring("refused: svsm/state-corrupt"), "another VM's disk does not open under this VM's key")
+		Expect(res.Log[11]).To(ContainSubstring("refused: svsm/attestation-failed"), "TCB below the registered minimum")
+		Expect(res.Log[13]).To(ContainSubstring("booted"))
+		Expect(res.Log[14]).To(ContainSubstring("refused: svsm/confirm-unauthenticated"), "a forged runtime confirmation halts the VM")
+		Expect(res.Log[16]).To(ContainSubstring("refused: svsm/confirm-unauthenticated"), "an earlier answer in place of a runtime confirmation halts the VM")
 	})
 
 	It("a replayed rollback is refused by the guest and the verifier's counter holds", func() {

@@ -36,7 +36,14 @@ confirmed one is accepted, confirmed data is never lost, at most one instance bo
 request, the verifier never releases more keys than boot requests, an honest boot from the last
 good state is never refused, and every refusal carries a layer and a reason. A violation is
 shrunk to a minimal sequence and printed as a replay command and a ready Ginkgo spec; its
-artifact bundle is kept. --replay runs one given sequence.`,
+artifact bundle is kept. --replay runs one given sequence.
+
+Every run is seeded: fakesnp, each verifier start and each boot of svsm-guest get a
+--test-seed derived from the run's seed, so keys, nonces, boot ids, the vTPM and the state
+disk follow from it. A finding's replay command carries its seed and redraws the same bytes;
+a replay prints a digest of every step's events and disk to compare runs by. Two racing
+instances (clone) are served in the scheduler's order, so their bytes may swap. With
+--backend qemu the guest draws from its VM's kernel and only the host side is seeded.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if listOps {
@@ -77,24 +84,29 @@ artifact bundle is kept. --replay runs one given sequence.`,
 				return fmt.Errorf("--backend %q: want process or qemu", backend)
 			}
 			out := cmd.OutOrStdout()
+			if !cmd.Flags().Changed("seed") {
+				var b [8]byte
+				_, _ = rand.Read(b[:])
+				seed = binary.LittleEndian.Uint64(b[:]) >> 1
+			}
 			if replay != "" {
 				steps, err := explore.Parse(replay)
 				if err != nil {
 					return err
 				}
+				o.Seed = seed
+				fmt.Fprintf(out, "explore: replay with test seed %d\n", seed)
 				res, err := explore.Run(ctx, o, steps)
 				if res != nil {
 					fmt.Fprintln(out, strings.Join(res.Log, "\n"))
+					if backend == "process" {
+						fmt.Fprintf(out, "explore: run digest %s (events and state disk after every step; the same seed and sequence give the same)\n", res.Digest())
+					}
 				}
 				if err != nil {
 					return err
 				}
 				return finding(out, res)
-			}
-			if !cmd.Flags().Changed("seed") {
-				var b [8]byte
-				_, _ = rand.Read(b[:])
-				seed = binary.LittleEndian.Uint64(b[:]) >> 1
 			}
 			bud, err := explore.ParseBudget(budget)
 			if err != nil {
@@ -115,7 +127,7 @@ artifact bundle is kept. --replay runs one given sequence.`,
 			return finding(out, rep.Found)
 		},
 	}
-	cmd.Flags().Uint64Var(&seed, "seed", 0, "seed of the action sequences (default: a fresh one, printed)")
+	cmd.Flags().Uint64Var(&seed, "seed", 0, "seed of the action sequences and every process's draws; with --replay, the run's test seed (default: a fresh one, printed)")
 	cmd.Flags().StringVar(&budget, "budget", "100", "steps (a number) or a duration (e.g. 2m), whichever is given")
 	cmd.Flags().StringVar(&replay, "replay", "", "run this one sequence ('boot;snapshot a;boot;restore a;boot')")
 	cmd.Flags().StringVar(&workdir, "workdir", "explore-work", "where each run's artifact bundle is made")
