@@ -2,6 +2,7 @@ package vtpm
 
 import (
 	"crypto/sha256"
+	"encoding/binary"
 	"fmt"
 	"os"
 	"os/exec"
@@ -121,6 +122,11 @@ func TestSeededTPMChild(t *testing.T) {
 	n, err := tpm2nd.Transport().Read(clock)
 	if err != nil {
 		t.Fatal(err)
+	}
+	// TPMS_TIME_INFO.time (ms since the TPM started) follows the 10-byte header: frozen, it
+	// stays 0 however long the commands took.
+	if n < 18 || binary.BigEndian.Uint64(clock[10:18]) != 0 {
+		t.Fatalf("the TPM's time ran on a frozen clock: %x", clock[:n])
 	}
 	nv, err = tpm2nd.Shutdown()
 	if err != nil {
