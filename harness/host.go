@@ -24,6 +24,7 @@ import (
 	"github.com/svsm-e2e/svsm-e2e/internal/atomicfile"
 	"github.com/svsm-e2e/svsm-e2e/internal/daemon"
 	"github.com/svsm-e2e/svsm-e2e/internal/detrand"
+	"github.com/svsm-e2e/svsm-e2e/internal/postgres"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 	"github.com/svsm-e2e/svsm-e2e/verifier"
 )
@@ -92,6 +93,12 @@ type HostOptions struct {
 	// TestSeed and the start's number, so a run replays their draws.
 	Seeded   bool
 	TestSeed uint64
+	// Postgres keeps the verifier's state in a PostgreSQL server the host starts (from the
+	// distribution's packages, in a temporary directory) instead of bbolt.
+	Postgres bool
+	// Replicas is how many verifiers run (default 1); more than one needs Postgres. The
+	// proxy spreads sessions over all of them.
+	Replicas int
 }
 
 // Host is a running host side.
@@ -117,6 +124,11 @@ type Host struct {
 	verifierCrash, proxyCrash string
 	// starts counts each component's starts, naming its derived test seed.
 	starts map[string]int
+	// pg is the PostgreSQL server of a Postgres host.
+	pg *postgres.Server
+	// Replicas are the verifiers after the first (Verifier), and ReplicaURLs their KBS URLs.
+	Replicas    []*Proc
+	ReplicaURLs []string
 }
 
 // seedArgs is a component's --test-seed for this start, when the host is seeded.
@@ -187,11 +199,24 @@ func StartHost(ctx context.Context, opts HostOptions) (h *Host, err error) {
 			_ = started.Stop() // the named result is nil by now
 		}
 	}()
+	if opts.Replicas > 1 && !opts.Postgres {
+		return nil, errors.New("harness: verifier replicas share a PostgreSQL database: set Postgres")
+	}
+	if opts.Postgres {
+		if h.pg, err = postgres.Start(ctx, postgres.Options{}); err != nil {
+			return nil, err
+		}
+	}
 	if err := h.startFakeSNP(ctx); err != nil {
 		return nil, err
 	}
 	if err := h.StartVerifier(ctx); err != nil {
 		return nil, err
+	}
+	for i := 1; i < opts.Replicas; i++ {
+		if err := h.startReplica(ctx, i); err != nil {
+			return nil, err
+		}
 	}
 	if err := h.startProxy(ctx); err != nil {
 		return nil, err
@@ -270,6 +295,7 @@ func (h *Host) StartVerifier(ctx context.Context) error {
 	}
 	args = append(args, h.opts.VerifierArgs...)
 	args = append(args, h.seedArgs("verifier")...)
+	args = append(args, h.databaseArgs(0)...)
 	if h.verifierCrash != "" {
 		args = append(args, "--crash-at", h.verifierCrash)
 	}
@@ -294,6 +320,35 @@ func (h *Host) StartVerifier(ctx context.Context) error {
 		return fmt.Errorf("verifier admin token: %w", err)
 	}
 	h.Admin = &verifier.AdminClient{BaseURL: h.AdminURL, Token: strings.TrimSpace(string(tok))}
+	return nil
+}
+
+// databaseArgs are replica i's flags for the shared database (none without Postgres).
+func (h *Host) databaseArgs(i int) []string {
+	if h.pg == nil {
+		return nil
+	}
+	return []string{"--database-url", h.pg.URL, "--instance", fmt.Sprintf("replica-%d", i)}
+}
+
+// startReplica starts verifier replica i (from 1) on the shared database, with its own data
+// directory (admin token) and addresses.
+func (h *Host) startReplica(ctx context.Context, i int) error {
+	name := fmt.Sprintf("svsm-verifier-%d", i)
+	addrFile, adminFile := h.path("run", name+".addr"), h.path("run", name+"-admin.addr")
+	args := []string{"serve", "--data-dir", h.path(fmt.Sprintf("verifier-%d", i)), "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+		"--addr-file", addrFile, "--admin-addr-file", adminFile, "--kds-url", h.FakeSNPURL, "--trusted-roots", h.path("fakesnp-roots.pem")}
+	args = append(args, h.opts.VerifierArgs...)
+	args = append(args, h.seedArgs(fmt.Sprintf("verifier-%d", i))...)
+	args = append(args, h.databaseArgs(i)...)
+	p, addrs, err := h.launch(ctx, name, h.opts.Binaries.Verifier, args, addrFile, adminFile)
+	if p != nil {
+		h.Replicas = append(h.Replicas, p)
+	}
+	if err != nil {
+		return err
+	}
+	h.ReplicaURLs = append(h.ReplicaURLs, "http://"+addrs[0])
 	return nil
 }
 
@@ -326,7 +381,7 @@ func (h *Host) RestartProxy(ctx context.Context) error {
 func (h *Host) startProxy(ctx context.Context) error {
 	h.ProxySocket = h.RunPath("proxy.sock")
 	addrFile := h.path("run", "proxy.addr")
-	verifierURL := h.VerifierURL
+	verifierURL := strings.Join(append([]string{h.VerifierURL}, h.ReplicaURLs...), ",")
 	if h.proxyVerifierURL != "" {
 		verifierURL = h.proxyVerifierURL
 	}
@@ -340,12 +395,19 @@ func (h *Host) startProxy(ctx context.Context) error {
 // Stop stops every component (SIGTERM, then SIGKILL after a grace period).
 func (h *Host) Stop() error {
 	var errs []error
-	for _, p := range []*Proc{h.Proxy, h.Verifier, h.FakeSNP} {
+	for _, p := range append([]*Proc{h.Proxy, h.Verifier, h.FakeSNP}, h.Replicas...) {
 		if p != nil {
 			if err := p.Stop(5 * time.Second); err != nil {
 				errs = append(errs, err)
 			}
 		}
+	}
+	if h.pg != nil {
+		// Its log belongs to the artifact bundle; its data goes with it.
+		if b, err := os.ReadFile(h.pg.Log()); err == nil {
+			_ = os.WriteFile(h.path("logs", "postgres.log"), b, 0o644)
+		}
+		errs = append(errs, h.pg.Stop())
 	}
 	if h.ownRunDir {
 		_ = os.RemoveAll(h.runDir)

@@ -67,6 +67,10 @@ type StackOptions struct {
 	VerifierArgs []string
 	// GenuineAMD: the verifier trusts AMD's roots and KDS (see HostOptions).
 	GenuineAMD bool
+	// Postgres and Replicas: the verifier's state in a PostgreSQL the host starts, shared by
+	// that many verifier replicas behind the proxy (see HostOptions).
+	Postgres bool
+	Replicas int
 }
 
 // Stack is a host side (fakesnp, svsm-verifier, svsm-proxy as processes) plus the VMs the
@@ -91,7 +95,7 @@ func NewStack(ctx context.Context, opts StackOptions) (*Stack, error) {
 		opts.Backend = ProcessBackend{Guest: opts.Binaries.Guest}
 	}
 	h, err := StartHost(ctx, HostOptions{WorkDir: opts.WorkDir, Binaries: opts.Binaries, CADir: opts.CADir, Logger: opts.Logger, VerifierArgs: opts.VerifierArgs, GenuineAMD: opts.GenuineAMD,
-		Seeded: opts.Seeded, TestSeed: opts.Seed})
+		Seeded: opts.Seeded, TestSeed: opts.Seed, Postgres: opts.Postgres, Replicas: opts.Replicas})
 	if err != nil {
 		return nil, err
 	}

@@ -27,7 +27,9 @@ import (
 
 // Options configures a Proxy.
 type Options struct {
-	// VerifierURL is the KBS base URL, e.g. http://127.0.0.1:8080.
+	// VerifierURL is the KBS base URL, e.g. http://127.0.0.1:8080. Several, separated by
+	// commas, are replicas sharing one database: each session goes to the next in turn and
+	// stays with it (a KBS session lives in the replica that opened it).
 	VerifierURL string
 	// ResourcePath is repository/type/tag of the secret; default "default/sample/test".
 	ResourcePath string
@@ -58,11 +60,13 @@ type Stats struct {
 
 // Proxy serves guest connections.
 type Proxy struct {
-	opts  Options
-	log   *slog.Logger
-	sem   chan struct{}
-	Stats Stats
-	wg    sync.WaitGroup
+	opts      Options
+	verifiers []string
+	next      atomic.Uint64 // the replica of the next session
+	log       *slog.Logger
+	sem       chan struct{}
+	Stats     Stats
+	wg        sync.WaitGroup
 }
 
 // New validates options.
@@ -70,7 +74,13 @@ func New(opts Options) (*Proxy, error) {
 	if opts.VerifierURL == "" {
 		return nil, errors.New("proxy: VerifierURL is required")
 	}
-	opts.VerifierURL = strings.TrimSuffix(opts.VerifierURL, "/")
+	var verifiers []string
+	for _, u := range strings.Split(opts.VerifierURL, ",") {
+		if u = strings.TrimSuffix(strings.TrimSpace(u), "/"); u == "" {
+			return nil, fmt.Errorf("proxy: empty URL in verifier list %q", opts.VerifierURL)
+		}
+		verifiers = append(verifiers, u)
+	}
 	if opts.ResourcePath == "" {
 		opts.ResourcePath = protocol.DefaultResourcePath
 	}
@@ -86,7 +96,7 @@ func New(opts Options) (*Proxy, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	return &Proxy{opts: opts, log: opts.Logger, sem: make(chan struct{}, opts.MaxConns)}, nil
+	return &Proxy{opts: opts, verifiers: verifiers, log: opts.Logger, sem: make(chan struct{}, opts.MaxConns)}, nil
 }
 
 // Serve accepts connections on ln until ctx ends, then waits for open ones to finish (each is
@@ -135,9 +145,10 @@ func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
 }
 
 type conn struct {
-	p    *Proxy
-	rw   net.Conn
-	http *http.Client
+	p        *Proxy
+	rw       net.Conn
+	http     *http.Client
+	verifier string // this session's replica
 }
 
 func (c *conn) read() ([]byte, error) {
@@ -185,7 +196,8 @@ var errIdleClose = errors.New("connection closed between sessions")
 
 func (p *Proxy) serveSession(ctx context.Context, rw net.Conn, first bool) error {
 	jar, _ := cookiejar.New(nil) // one jar per session: sessions never mix
-	c := &conn{p: p, rw: rw, http: &http.Client{Jar: jar, Timeout: p.opts.StepTimeout}}
+	c := &conn{p: p, rw: rw, http: &http.Client{Jar: jar, Timeout: p.opts.StepTimeout},
+		verifier: p.verifiers[(p.next.Add(1)-1)%uint64(len(p.verifiers))]}
 	var body []byte
 	var err error
 	if !p.opts.Persistent {
@@ -323,7 +335,7 @@ func (c *conn) post(ctx context.Context, path string, in, out any) error {
 	if err != nil {
 		return err
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.p.opts.VerifierURL+path, bytes.NewReader(b))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.verifier+path, bytes.NewReader(b))
 	if err != nil {
 		return err
 	}
@@ -332,7 +344,7 @@ func (c *conn) post(ctx context.Context, path string, in, out any) error {
 }
 
 func (c *conn) get(ctx context.Context, path string, out any) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.p.opts.VerifierURL+path, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.verifier+path, nil)
 	if err != nil {
 		return err
 	}

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -269,5 +270,42 @@ func TestProxyBoundsAHostilePeer(t *testing.T) {
 			t.Fatalf("no guest served after the stalled one: %v", err)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestProxySpreadsSessionsOverReplicas: with two verifier URLs, sessions alternate between
+// them, and every request of one session (auth, attest, resource) goes to the same replica.
+func TestProxySpreadsSessionsOverReplicas(t *testing.T) {
+	kbs := []*fakeKBS{{}, {}}
+	var urls []string
+	for _, k := range kbs {
+		srv := httptest.NewServer(k.handler())
+		defer srv.Close()
+		urls = append(urls, srv.URL)
+	}
+	p, err := New(Options{VerifierURL: strings.Join(urls, ",") + "/", StepTimeout: 5 * time.Second, Persistent: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, b := net.Pipe()
+	done := make(chan error, 1)
+	go func() { done <- p.ServeConn(context.Background(), b) }()
+	for i := range 4 {
+		if _, resp := runSession(t, a); !resp.Success {
+			t.Fatalf("session %d refused", i+1)
+		}
+	}
+	a.Close()
+	<-done
+	for i, k := range kbs {
+		k.mu.Lock()
+		auths, resources := len(k.authCookies), len(k.paths)
+		k.mu.Unlock()
+		if auths != 2 || resources != 2 {
+			t.Errorf("replica %d served %d auths and %d resources, want 2 each (whole sessions, in turn)", i, auths, resources)
+		}
+	}
+	if _, err := New(Options{VerifierURL: urls[0] + ",,"}); err == nil {
+		t.Error("an empty replica URL was accepted")
 	}
 }

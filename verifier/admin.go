@@ -1,6 +1,7 @@
 package verifier
 
 import (
+	"context"
 	"crypto/rand"
 	"errors"
 	"fmt"
@@ -52,7 +53,7 @@ func (s *VMSpec) Validate() error {
 }
 
 // Register creates a VM with a fresh state key and id. Registering an existing name fails.
-func (v *Verifier) Register(spec VMSpec) (*VMView, error) {
+func (v *Verifier) Register(ctx context.Context, spec VMSpec) (*VMView, error) {
 	if err := spec.Validate(); err != nil {
 		return nil, err
 	}
@@ -63,11 +64,11 @@ func (v *Verifier) Register(spec VMSpec) (*VMView, error) {
 	if _, err := rand.Read(vm.StateKey); err != nil {
 		return nil, err
 	}
-	err := v.store.Update(func(tx *Tx) error {
+	err := v.store.Update(ctx, func(tx Tx) error {
 		if _, err := tx.VM(spec.Name); err == nil {
 			return fmt.Errorf("vm %s already registered", spec.Name)
 		}
-		vm.Created = tx.now
+		vm.Created = tx.Now()
 		if err := tx.PutVM(vm); err != nil {
 			return err
 		}
@@ -82,9 +83,9 @@ func (v *Verifier) Register(spec VMSpec) (*VMView, error) {
 
 // SetMeasurements replaces the VM's allow-list of launch digests: the owner approves a new
 // launch image (an OS update) or withdraws an old one. Audited.
-func (v *Verifier) SetMeasurements(name string, ms []HexBytes) (*VMView, error) {
+func (v *Verifier) SetMeasurements(ctx context.Context, name string, ms []HexBytes) (*VMView, error) {
 	var view VMView
-	err := v.store.Update(func(tx *Tx) error {
+	err := v.store.Update(ctx, func(tx Tx) error {
 		vm, err := tx.VM(name)
 		if err != nil {
 			return err
@@ -108,9 +109,9 @@ func (v *Verifier) SetMeasurements(name string, ms []HexBytes) (*VMView, error) 
 }
 
 // Prime allows exactly one more release for the VM.
-func (v *Verifier) Prime(name string) (*VMView, error) {
+func (v *Verifier) Prime(ctx context.Context, name string) (*VMView, error) {
 	var view VMView
-	err := v.store.Update(func(tx *Tx) error {
+	err := v.store.Update(ctx, func(tx Tx) error {
 		vm, err := tx.VM(name)
 		if err != nil {
 			return err
@@ -120,7 +121,7 @@ func (v *Verifier) Prime(name string) (*VMView, error) {
 			reason = "already primed"
 		}
 		vm.Primed = true
-		vm.PrimedAt = tx.now
+		vm.PrimedAt = tx.Now()
 		vm.BootRequest++ // a new request: evidence verified before it cannot spend it
 		if err := tx.PutVM(vm); err != nil {
 			return err
@@ -140,9 +141,9 @@ func (v *Verifier) Prime(name string) (*VMView, error) {
 }
 
 // Show returns one VM's view.
-func (v *Verifier) Show(name string) (*VMView, error) {
+func (v *Verifier) Show(ctx context.Context, name string) (*VMView, error) {
 	var view VMView
-	err := v.store.View(func(tx *Tx) error {
+	err := v.store.View(ctx, func(tx Tx) error {
 		vm, err := tx.VM(name)
 		if err != nil {
 			return err
@@ -172,7 +173,7 @@ func (v *Verifier) AdminHandler() http.Handler {
 			problem(w, http.StatusBadRequest, "InvalidRequest", err.Error())
 			return
 		}
-		view, err := v.Register(spec)
+		view, err := v.Register(r.Context(), spec)
 		if err != nil {
 			problem(w, http.StatusBadRequest, "InvalidRequest", err.Error())
 			return
@@ -181,7 +182,7 @@ func (v *Verifier) AdminHandler() http.Handler {
 	})
 	mux.HandleFunc("GET /admin/v1/vms", func(w http.ResponseWriter, r *http.Request) {
 		out := []VMView{}
-		err := v.store.View(func(tx *Tx) error {
+		err := v.store.View(r.Context(), func(tx Tx) error {
 			vms, err := tx.VMs()
 			for _, vm := range vms {
 				out = append(out, vm.View())
@@ -195,7 +196,7 @@ func (v *Verifier) AdminHandler() http.Handler {
 		writeJSON(w, http.StatusOK, out)
 	})
 	mux.HandleFunc("GET /admin/v1/vms/{name}", func(w http.ResponseWriter, r *http.Request) {
-		view, err := v.Show(r.PathValue("name"))
+		view, err := v.Show(r.Context(), r.PathValue("name"))
 		if err != nil {
 			adminError(w, err)
 			return
@@ -203,7 +204,7 @@ func (v *Verifier) AdminHandler() http.Handler {
 		writeJSON(w, http.StatusOK, view)
 	})
 	mux.HandleFunc("POST /admin/v1/vms/{name}/boot-requests", func(w http.ResponseWriter, r *http.Request) {
-		view, err := v.Prime(r.PathValue("name"))
+		view, err := v.Prime(r.Context(), r.PathValue("name"))
 		if err != nil {
 			adminError(w, err)
 			return
@@ -216,7 +217,7 @@ func (v *Verifier) AdminHandler() http.Handler {
 			problem(w, http.StatusBadRequest, "InvalidRequest", err.Error())
 			return
 		}
-		view, err := v.SetMeasurements(r.PathValue("name"), ms)
+		view, err := v.SetMeasurements(r.Context(), r.PathValue("name"), ms)
 		if err != nil {
 			adminError(w, err)
 			return
@@ -227,7 +228,7 @@ func (v *Verifier) AdminHandler() http.Handler {
 		q := r.URL.Query()
 		since, _ := strconv.ParseUint(q.Get("since"), 10, 64)
 		limit, _ := strconv.Atoi(q.Get("limit"))
-		evs, err := v.AuditEvents(q.Get("vm"), since, limit)
+		evs, err := v.AuditEvents(r.Context(), q.Get("vm"), since, limit)
 		if err != nil {
 			problem(w, http.StatusInternalServerError, "Internal", err.Error())
 			return

@@ -1,6 +1,7 @@
 package verifier
 
 import (
+	"context"
 	"sync"
 	"time"
 )
@@ -12,7 +13,7 @@ import (
 // as one row (Repeats) when the window ends, when the audit is read, and on close. Nothing is
 // lost; only identical rows are folded. Alternating refusals are folded per kind.
 type auditLog struct {
-	store  *Store
+	store  Store
 	window time.Duration
 	onErr  func(error)
 
@@ -22,6 +23,9 @@ type auditLog struct {
 	done    chan struct{}
 }
 
+// auditWriteTimeout bounds one background audit write (a PostgreSQL store may be slow).
+const auditWriteTimeout = 30 * time.Second
+
 type auditKey struct{ event, outcome, vm, reason string }
 
 type auditRun struct {
@@ -29,7 +33,7 @@ type auditRun struct {
 	repeats uint64
 }
 
-func newAuditLog(store *Store, window time.Duration, onErr func(error)) *auditLog {
+func newAuditLog(store Store, window time.Duration, onErr func(error)) *auditLog {
 	a := &auditLog{store: store, window: window, onErr: onErr, pending: map[auditKey]*auditRun{},
 		stop: make(chan struct{}), done: make(chan struct{})}
 	go a.loop()
@@ -60,7 +64,9 @@ func (a *auditLog) record(e AuditEvent) {
 		return
 	}
 	a.mu.Unlock()
-	err := a.store.Update(func(tx *Tx) error { return tx.Audit(e) })
+	ctx, cancel := context.WithTimeout(context.Background(), auditWriteTimeout)
+	defer cancel()
+	err := a.store.Update(ctx, func(tx Tx) error { return tx.Audit(e) })
 	if err != nil {
 		a.onErr(err)
 		return
@@ -89,7 +95,9 @@ func (a *auditLog) flush(due func(*auditRun) bool) {
 	if len(rows) == 0 {
 		return
 	}
-	if err := a.store.Update(func(tx *Tx) error {
+	ctx, cancel := context.WithTimeout(context.Background(), auditWriteTimeout)
+	defer cancel()
+	if err := a.store.Update(ctx, func(tx Tx) error {
 		for _, e := range rows {
 			if err := tx.Audit(e); err != nil {
 				return err

@@ -29,11 +29,11 @@ func noGate(*VM) *Refusal { return nil }
 
 func releaseV1(t *testing.T, v *Verifier, name string) protocol.SecretPayloadV1 {
 	t.Helper()
-	if _, err := v.Prime(name); err != nil {
+	if _, err := v.Prime(t.Context(), name); err != nil {
 		t.Fatal(err)
 	}
 	priv, _ := ecdh.P521().GenerateKey(rand.Reader)
-	jwe, ref, err := v.release(name, "s", protocol.ECPublicKeyFromECDH(priv.PublicKey()), noGate)
+	jwe, ref, err := v.release(t.Context(), name, "s", protocol.ECPublicKeyFromECDH(priv.PublicKey()), noGate)
 	if err != nil || ref != nil {
 		t.Fatalf("release: %v %v", err, ref)
 	}
@@ -55,7 +55,7 @@ func releaseV1(t *testing.T, v *Verifier, name string) protocol.SecretPayloadV1 
 func TestConfirmRules(t *testing.T) {
 	for _, wt := range []bool{false, true} {
 		v := newTestVerifier(t)
-		if _, err := v.Register(VMSpec{Name: "vm", Measurements: []protocol.HexBytes{make([]byte, 48)}, SecretMode: "v1", WriteThrough: wt}); err != nil {
+		if _, err := v.Register(t.Context(), VMSpec{Name: "vm", Measurements: []protocol.HexBytes{make([]byte, 48)}, SecretMode: "v1", WriteThrough: wt}); err != nil {
 			t.Fatal(err)
 		}
 		p := releaseV1(t, v, "vm")
@@ -68,7 +68,7 @@ func TestConfirmRules(t *testing.T) {
 				t.Fatal(err)
 			}
 			req := protocol.NewConfirmRequest(keys, boot, c, bytes.Repeat([]byte{byte(c)}, protocol.ConfirmNonceSize))
-			r, err := v.Confirm(req)
+			r, err := v.Confirm(t.Context(), req)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -113,7 +113,7 @@ func TestConfirmRules(t *testing.T) {
 		if r := confirm(p.ConfirmKey[:], p.BootID[:], want+1); r.Success || !strings.Contains(r.Reason, "superseded") {
 			t.Errorf("superseded boot: %+v", r)
 		}
-		evs, _ := v.Store().AuditEvents("vm", 0, 0)
+		evs, _ := v.Store().AuditEvents(t.Context(), "vm", 0, 0)
 		var denies int
 		for _, e := range evs {
 			if e.Event == "confirm" && e.Outcome == Deny {
@@ -128,19 +128,19 @@ func TestConfirmRules(t *testing.T) {
 
 func TestReleaseOnceAndRawMode(t *testing.T) {
 	v := newTestVerifier(t)
-	view, err := v.Register(VMSpec{Name: "raw", Measurements: []protocol.HexBytes{make([]byte, 48)}, SecretMode: "raw"})
+	view, err := v.Register(t.Context(), VMSpec{Name: "raw", Measurements: []protocol.HexBytes{make([]byte, 48)}, SecretMode: "raw"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	priv, _ := ecdh.P521().GenerateKey(rand.Reader)
 	key := protocol.ECPublicKeyFromECDH(priv.PublicKey())
-	if _, ref, _ := v.release("raw", "s", key, noGate); ref == nil || ref.Field != "boot_request" {
+	if _, ref, _ := v.release(t.Context(), "raw", "s", key, noGate); ref == nil || ref.Field != "boot_request" {
 		t.Fatalf("release without prime: %v", ref)
 	}
-	if _, err := v.Prime("raw"); err != nil {
+	if _, err := v.Prime(t.Context(), "raw"); err != nil {
 		t.Fatal(err)
 	}
-	jwe, ref, err := v.release("raw", "s", key, noGate)
+	jwe, ref, err := v.release(t.Context(), "raw", "s", key, noGate)
 	if err != nil || ref != nil {
 		t.Fatal(err, ref)
 	}
@@ -149,7 +149,7 @@ func TestReleaseOnceAndRawMode(t *testing.T) {
 	if err != nil || len(pt) != 32 {
 		t.Fatalf("raw secret %d bytes, %v", len(pt), err)
 	}
-	if _, ref, _ := v.release("raw", "s", key, noGate); ref == nil {
+	if _, ref, _ := v.release(t.Context(), "raw", "s", key, noGate); ref == nil {
 		t.Fatal("second release without prime")
 	}
 	if len(view.ID) != 32 {
@@ -177,26 +177,26 @@ func TestVMSpecValidate(t *testing.T) {
 func TestSetMeasurements(t *testing.T) {
 	v := newTestVerifier(t)
 	m1, m2 := bytes.Repeat([]byte{1}, 48), bytes.Repeat([]byte{2}, 48)
-	if _, err := v.Register(VMSpec{Name: "vm", Measurements: []protocol.HexBytes{m1}, SecretMode: "v1"}); err != nil {
+	if _, err := v.Register(t.Context(), VMSpec{Name: "vm", Measurements: []protocol.HexBytes{m1}, SecretMode: "v1"}); err != nil {
 		t.Fatal(err)
 	}
-	view, err := v.SetMeasurements("vm", []protocol.HexBytes{m1, m2})
+	view, err := v.SetMeasurements(t.Context(), "vm", []protocol.HexBytes{m1, m2})
 	if err != nil || len(view.Measurements) != 2 {
 		t.Fatalf("set: %+v %v", view, err)
 	}
-	if _, err := v.SetMeasurements("vm", nil); !errors.Is(err, ErrInvalid) {
+	if _, err := v.SetMeasurements(t.Context(), "vm", nil); !errors.Is(err, ErrInvalid) {
 		t.Fatalf("empty allow-list: %v, want ErrInvalid", err)
 	}
-	if _, err := v.SetMeasurements("vm", []protocol.HexBytes{{1, 2}}); !errors.Is(err, ErrInvalid) {
+	if _, err := v.SetMeasurements(t.Context(), "vm", []protocol.HexBytes{{1, 2}}); !errors.Is(err, ErrInvalid) {
 		t.Fatalf("short digest: %v, want ErrInvalid", err)
 	}
-	if _, err := v.SetMeasurements("nope", []protocol.HexBytes{m1}); !errors.Is(err, ErrNotFound) {
+	if _, err := v.SetMeasurements(t.Context(), "nope", []protocol.HexBytes{m1}); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("unknown vm: %v", err)
 	}
-	if got, _ := v.Show("vm"); len(got.Measurements) != 2 {
+	if got, _ := v.Show(t.Context(), "vm"); len(got.Measurements) != 2 {
 		t.Fatalf("a refused update changed the record: %+v", got.Measurements)
 	}
-	evs, err := v.store.AuditEvents("vm", 0, 100)
+	evs, err := v.store.AuditEvents(t.Context(), "vm", 0, 100)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,7 +2,8 @@
 // (auth → attest → resource) that verifies SEV-SNP evidence for real (session nonce, REPORT_DATA
 // binding, VCEK chain and signature, per-VM policy) and releases a VM's state key at most once
 // per primed boot request, with the freshness payload and confirmation endpoint of the
-// svsm-e2e extension. State lives in an embedded bbolt database; every decision is audited.
+// svsm-e2e extension. State lives in an embedded bbolt database, or in PostgreSQL shared by
+// any number of replicas; every decision is audited in the transaction that makes it.
 package verifier
 
 import (
@@ -39,8 +40,13 @@ import (
 
 // Options configures a Verifier.
 type Options struct {
-	// DataDir holds verifier.db and admin.token.
+	// DataDir holds admin.token, and verifier.db unless DatabaseURL is set.
 	DataDir string
+	// DatabaseURL, if set, keeps the state in PostgreSQL (a pgx connection string) instead
+	// of DataDir/verifier.db: several replicas may share it, each with its own DataDir.
+	DatabaseURL string
+	// Instance names this replica in the audit ("instance"); empty: not recorded.
+	Instance string
 	// KDSBaseURL replaces https://kdsintf.amd.com (e.g. fakesnp's URL).
 	KDSBaseURL string
 	// TrustedRootsPEM is a KDS cert_chain (ASK then ARK). Empty: AMD's genuine roots.
@@ -64,11 +70,14 @@ type Options struct {
 	Logger *slog.Logger
 }
 
+// storeOpenTimeout bounds opening the store and loading the token key at start.
+const storeOpenTimeout = 30 * time.Second
+
 // Verifier is the running service.
 type Verifier struct {
 	opts       Options
 	log        *slog.Logger
-	store      *Store
+	store      Store
 	check      *checker
 	tokenKey   *ecdsa.PrivateKey
 	adminToken string
@@ -138,10 +147,20 @@ func New(opts Options) (*Verifier, error) {
 		return nil, err
 	}
 	v.adminToken = tok
-	if v.store, err = OpenStore(filepath.Join(opts.DataDir, "verifier.db")); err != nil {
+	octx, cancel := context.WithTimeout(context.Background(), storeOpenTimeout)
+	defer cancel()
+	if opts.DatabaseURL != "" {
+		v.store, err = OpenPostgresStore(octx, opts.DatabaseURL)
+	} else {
+		v.store, err = OpenBoltStore(filepath.Join(opts.DataDir, "verifier.db"))
+	}
+	if err != nil {
 		return nil, err
 	}
-	if v.tokenKey, err = v.loadTokenKey(); err != nil {
+	if opts.Instance != "" {
+		v.store = instanceStore{v.store, opts.Instance}
+	}
+	if v.tokenKey, err = v.loadTokenKey(octx); err != nil {
 		v.store.Close()
 		return nil, err
 	}
@@ -156,21 +175,25 @@ func (v *Verifier) Close() error {
 }
 
 // AuditEvents returns audit rows after since (pending coalesced counts are written first).
-func (v *Verifier) AuditEvents(vm string, since uint64, limit int) ([]AuditEvent, error) {
+func (v *Verifier) AuditEvents(ctx context.Context, vm string, since uint64, limit int) ([]AuditEvent, error) {
 	v.auditLog.sync()
-	return v.store.AuditEvents(vm, since, limit)
+	return v.store.AuditEvents(ctx, vm, since, limit)
 }
 
 // Store exposes the database (audit reads in tests and the CLI).
-func (v *Verifier) Store() *Store { return v.store }
+func (v *Verifier) Store() Store { return v.store }
 
 // AdminTokenPath is where the admin bearer token is kept.
 func (v *Verifier) AdminTokenPath() string { return filepath.Join(v.opts.DataDir, "admin.token") }
 
-func (v *Verifier) loadTokenKey() (*ecdsa.PrivateKey, error) {
+func (v *Verifier) loadTokenKey(ctx context.Context) (*ecdsa.PrivateKey, error) {
 	var key *ecdsa.PrivateKey
-	err := v.store.Update(func(tx *Tx) error {
-		if der := tx.Meta("token_key"); der != nil {
+	err := v.store.Update(ctx, func(tx Tx) error {
+		der, err := tx.Meta("token_key")
+		if err != nil {
+			return err
+		}
+		if der != nil {
 			k, err := x509.ParseECPrivateKey(der)
 			if err != nil {
 				return fmt.Errorf("token key: %w", err)
@@ -182,8 +205,7 @@ func (v *Verifier) loadTokenKey() (*ecdsa.PrivateKey, error) {
 		if err != nil {
 			return err
 		}
-		der, err := x509.MarshalECPrivateKey(k)
-		if err != nil {
+		if der, err = x509.MarshalECPrivateKey(k); err != nil {
 			return err
 		}
 		key = k
@@ -403,7 +425,7 @@ func (v *Verifier) handleAttest(w http.ResponseWriter, r *http.Request) {
 		deny(status, "", ref)
 		return
 	}
-	vm, ref := v.identify(evidence.GetReport().GetHostData(), evidence.GetReport().GetMeasurement())
+	vm, ref := v.identify(ctx, evidence.GetReport().GetHostData(), evidence.GetReport().GetMeasurement())
 	if ref != nil {
 		deny(http.StatusForbidden, "", ref)
 		return
@@ -438,9 +460,9 @@ const maxCertsBuf = 64 << 10
 
 // identify finds the registered VM a report belongs to: by HOST_DATA when some VM pins it,
 // otherwise by measurement.
-func (v *Verifier) identify(hostData, measurement []byte) (*VM, *Refusal) {
+func (v *Verifier) identify(ctx context.Context, hostData, measurement []byte) (*VM, *Refusal) {
 	var vms []*VM
-	if err := v.store.View(func(tx *Tx) error {
+	if err := v.store.View(ctx, func(tx Tx) error {
 		var err error
 		vms, err = tx.VMs()
 		return err
@@ -578,7 +600,7 @@ func (v *Verifier) handleResource(w http.ResponseWriter, r *http.Request) {
 		}
 		return nil
 	}
-	jwe, ref, err := v.release(grant.vm, sid, *grant.key, gate)
+	jwe, ref, err := v.release(r.Context(), grant.vm, sid, *grant.key, gate)
 	switch {
 	case err != nil:
 		problem(w, http.StatusInternalServerError, "Internal", err.Error())
@@ -595,7 +617,7 @@ type releaseGate func(vm *VM) *Refusal
 
 // release decides and commits, in one durable transaction, the consumption of the boot
 // request, the boot record and the audit event; only then is the JWE returned.
-func (v *Verifier) release(vmName, sid string, key protocol.ECPublicKey, gate releaseGate) (*protocol.FlattenedJWE, *Refusal, error) {
+func (v *Verifier) release(ctx context.Context, vmName, sid string, key protocol.ECPublicKey, gate releaseGate) (*protocol.FlattenedJWE, *Refusal, error) {
 	bootID := make([]byte, protocol.BootIDSize)
 	confirmKey := make([]byte, 32)
 	if _, err := rand.Read(bootID); err != nil {
@@ -606,7 +628,7 @@ func (v *Verifier) release(vmName, sid string, key protocol.ECPublicKey, gate re
 	}
 	var out *protocol.FlattenedJWE
 	var ref *Refusal
-	err := v.store.Update(func(tx *Tx) error {
+	err := v.store.Update(ctx, func(tx Tx) error {
 		vm, err := tx.VM(vmName)
 		if err != nil {
 			return err
@@ -619,7 +641,7 @@ func (v *Verifier) release(vmName, sid string, key protocol.ECPublicKey, gate re
 			return tx.Audit(AuditEvent{Event: "release", Outcome: Deny, VM: vm.Name, Session: sid, Reason: ref.Error()})
 		}
 		var secret []byte
-		boot := &Boot{ID: hex.EncodeToString(bootID), VM: vm.Name, Expected: vm.Counter, Next: vm.Counter + 1, ConfirmKey: confirmKey, Released: tx.now}
+		boot := &Boot{ID: hex.EncodeToString(bootID), VM: vm.Name, Expected: vm.Counter, Next: vm.Counter + 1, ConfirmKey: confirmKey, Released: tx.Now()}
 		switch vm.SecretMode {
 		case protocol.SecretModeRaw:
 			secret = append([]byte(nil), vm.StateKey...)
@@ -679,7 +701,7 @@ func (v *Verifier) handleConfirm(w http.ResponseWriter, r *http.Request) {
 		problem(w, http.StatusBadRequest, "InvalidRequest", err.Error())
 		return
 	}
-	resp, err := v.Confirm(&req)
+	resp, err := v.Confirm(r.Context(), &req)
 	if err != nil {
 		problem(w, http.StatusInternalServerError, "Internal", err.Error())
 		return
@@ -692,10 +714,10 @@ func (v *Verifier) handleConfirm(w http.ResponseWriter, r *http.Request) {
 // One more is accepted once per boot by default, and any number of times, one step at a
 // time, in write-through mode. Every answer to a known boot is authenticated with the boot's
 // answer key and bound to the request it answers.
-func (v *Verifier) Confirm(req *protocol.ConfirmRequest) (*protocol.ConfirmResponse, error) {
+func (v *Verifier) Confirm(ctx context.Context, req *protocol.ConfirmRequest) (*protocol.ConfirmResponse, error) {
 	id := hex.EncodeToString(req.BootID)
 	var resp *protocol.ConfirmResponse
-	err := v.store.Update(func(tx *Tx) error {
+	err := v.store.Update(ctx, func(tx Tx) error {
 		c := req.Counter
 		boot, err := tx.Boot(id)
 		if errors.Is(err, ErrNotFound) {

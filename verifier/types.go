@@ -88,6 +88,8 @@ type AuditEvent struct {
 	// Repeats, when set, says this row stands for that many further decisions identical to
 	// the row before it with the same event, outcome, VM and reason (coalesced refusals).
 	Repeats uint64 `json:"repeats,omitempty"`
+	// Instance names the verifier replica that decided (Options.Instance), when set.
+	Instance string `json:"instance,omitempty"`
 }
 
 // Audit outcomes.

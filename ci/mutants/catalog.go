@@ -137,4 +137,10 @@ var catalog = []Mutant{
 	{"D5", "harness: the services and guests of a seeded stack are not seeded", "harness/host.go",
 		"\tif !h.opts.Seeded {\n\t\treturn nil\n\t}",
 		"\treturn nil"},
+	{"S1", "verifier on PostgreSQL: transactions READ COMMITTED instead of SERIALIZABLE", "verifier/store_postgres.go",
+		"return s.run(ctx, pgx.TxOptions{IsoLevel: pgx.Serializable}, fn)",
+		"return s.run(ctx, pgx.TxOptions{IsoLevel: pgx.ReadCommitted}, fn)"},
+	{"S2", "verifier on PostgreSQL: a transaction that lost a serialization race is not retried", "verifier/store_postgres.go",
+		"\treturn errors.As(err, &pe) && (pe.Code == \"40001\" || pe.Code == \"40P01\")",
+		"\treturn false && errors.As(err, &pe)"},
 }

@@ -71,7 +71,7 @@ func main() {
 	f.StringVar(&unixPath, "listen-unix", "", "unix socket to listen on for guest connections")
 	f.Uint32Var(&vsockPort, "vsock-port", 0, "also listen on this vsock port (upstream uses 1995), where the host has vsock")
 	f.StringVar(&addrFile, "addr-file", "", "write the unix socket path here once listening")
-	f.StringVar(&opts.VerifierURL, "verifier-url", "", "KBS base URL of the verifier (required)")
+	f.StringVar(&opts.VerifierURL, "verifier-url", "", "KBS base URL of the verifier (required); several, comma-separated, are replicas on one database: each session goes to the next")
 	f.StringVar(&opts.ResourcePath, "resource-path", "default/sample/test", "repository/type/tag of the secret")
 	f.DurationVar(&opts.StepTimeout, "step-timeout", 60*time.Second, "bound on each guest read and each verifier round trip")
 	f.BoolVar(&opts.Persistent, "persistent", false, "serve session after session on one connection (serial ports wired to unix sockets)")

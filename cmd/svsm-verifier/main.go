@@ -108,7 +108,9 @@ func serveCmd() *cobra.Command {
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&opts.DataDir, "data-dir", "", "directory for verifier.db and admin.token (required)")
+	f.StringVar(&opts.DataDir, "data-dir", "", "directory for admin.token and, without --database-url, verifier.db (required)")
+	f.StringVar(&opts.Instance, "instance", "", "this replica's name, recorded on each audit row it writes")
+	f.StringVar(&opts.DatabaseURL, "database-url", "", "keep the state in PostgreSQL (postgres://… or key=value form) instead of DATA_DIR/verifier.db; replicas share one database")
 	f.StringVar(&listen, "listen", "127.0.0.1:8080", "KBS address")
 	f.StringVar(&adminListen, "admin-listen", "127.0.0.1:8081", "admin API address")
 	f.StringVar(&addrFile, "addr-file", "", "write the bound KBS address here")

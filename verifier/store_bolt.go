@@ -1,0 +1,170 @@
+package verifier
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+)
+
+// boltStore is the embedded Store: one bbolt file, every update one fsynced transaction
+// (bbolt runs one writer at a time, so updates are serial).
+type boltStore struct {
+	db *bolt.DB
+}
+
+var (
+	bucketVMs   = []byte("vms")
+	bucketBoots = []byte("boots")
+	bucketAudit = []byte("audit")
+	bucketMeta  = []byte("meta")
+)
+
+// OpenBoltStore opens (creating if needed) the bbolt database at path.
+func OpenBoltStore(path string) (Store, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 5 * time.Second})
+	if err != nil {
+		return nil, fmt.Errorf("open verifier db %s: %w", path, err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, b := range [][]byte{bucketVMs, bucketBoots, bucketAudit, bucketMeta} {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("init verifier db: %w", err)
+	}
+	return &boltStore{db: db}, nil
+}
+
+func (s *boltStore) Close() error { return s.db.Close() }
+
+type boltTx struct {
+	tx  *bolt.Tx
+	now time.Time
+}
+
+// Update implements Store. bbolt takes no context: its one writer lock is held briefly.
+func (s *boltStore) Update(_ context.Context, fn func(Tx) error) error {
+	return s.db.Update(func(tx *bolt.Tx) error { return fn(&boltTx{tx: tx, now: time.Now().UTC()}) })
+}
+
+// View implements Store.
+func (s *boltStore) View(_ context.Context, fn func(Tx) error) error {
+	return s.db.View(func(tx *bolt.Tx) error { return fn(&boltTx{tx: tx, now: time.Now().UTC()}) })
+}
+
+func (t *boltTx) Now() time.Time { return t.now }
+
+func getJSON(b *bolt.Bucket, key []byte, v any) error {
+	raw := b.Get(key)
+	if raw == nil {
+		return ErrNotFound
+	}
+	return json.Unmarshal(raw, v)
+}
+
+func putJSON(b *bolt.Bucket, key []byte, v any) error {
+	raw, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return b.Put(key, raw)
+}
+
+// VM loads one VM record.
+func (t *boltTx) VM(name string) (*VM, error) {
+	var vm VM
+	if err := getJSON(t.tx.Bucket(bucketVMs), []byte(name), &vm); err != nil {
+		return nil, fmt.Errorf("vm %s: %w", name, err)
+	}
+	return &vm, nil
+}
+
+// PutVM stores a VM record.
+func (t *boltTx) PutVM(vm *VM) error { return putJSON(t.tx.Bucket(bucketVMs), []byte(vm.Name), vm) }
+
+// VMs lists every VM.
+func (t *boltTx) VMs() ([]*VM, error) {
+	var out []*VM
+	err := t.tx.Bucket(bucketVMs).ForEach(func(k, v []byte) error {
+		var vm VM
+		if err := json.Unmarshal(v, &vm); err != nil {
+			return fmt.Errorf("vm %s: %w", k, err)
+		}
+		out = append(out, &vm)
+		return nil
+	})
+	return out, err
+}
+
+// Boot loads a boot record.
+func (t *boltTx) Boot(id string) (*Boot, error) {
+	var b Boot
+	if err := getJSON(t.tx.Bucket(bucketBoots), []byte(id), &b); err != nil {
+		return nil, fmt.Errorf("boot %s: %w", id, err)
+	}
+	return &b, nil
+}
+
+// PutBoot stores a boot record.
+func (t *boltTx) PutBoot(b *Boot) error { return putJSON(t.tx.Bucket(bucketBoots), []byte(b.ID), b) }
+
+// Audit appends an audit event in the same transaction as the decision it records.
+func (t *boltTx) Audit(e AuditEvent) error {
+	b := t.tx.Bucket(bucketAudit)
+	seq, err := b.NextSequence()
+	if err != nil {
+		return err
+	}
+	e.Seq = seq
+	e.Time = t.now
+	var k [8]byte
+	binary.BigEndian.PutUint64(k[:], seq)
+	return putJSON(b, k[:], e)
+}
+
+// Meta reads a metadata value.
+func (t *boltTx) Meta(key string) ([]byte, error) {
+	v := t.tx.Bucket(bucketMeta).Get([]byte(key))
+	if v == nil {
+		return nil, nil
+	}
+	return append([]byte(nil), v...), nil
+}
+
+// PutMeta writes a metadata value.
+func (t *boltTx) PutMeta(key string, v []byte) error {
+	return t.tx.Bucket(bucketMeta).Put([]byte(key), v)
+}
+
+// AuditEvents implements Store.
+func (s *boltStore) AuditEvents(_ context.Context, vm string, since uint64, limit int) ([]AuditEvent, error) {
+	if limit <= 0 || limit > maxAuditRead {
+		limit = maxAuditRead
+	}
+	out := []AuditEvent{}
+	err := s.db.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketAudit).Cursor()
+		var k [8]byte
+		binary.BigEndian.PutUint64(k[:], since+1)
+		for key, v := c.Seek(k[:]); key != nil && len(out) < limit; key, v = c.Next() {
+			var e AuditEvent
+			if err := json.Unmarshal(v, &e); err != nil {
+				return err
+			}
+			if vm == "" || e.VM == vm {
+				out = append(out, e)
+			}
+		}
+		return nil
+	})
+	return out, err
+}

@@ -1,0 +1,298 @@
+package verifier
+
+import (
+	"context"
+	"crypto/ecdh"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/svsm-e2e/svsm-e2e/internal/postgres/pgtest"
+	"github.com/svsm-e2e/svsm-e2e/protocol"
+)
+
+// backend opens stores of one kind for the conformance tests: fresh makes a store on an
+// empty database; replica opens another handle on the same database as s (nil when the
+// kind cannot be shared between processes).
+type backend struct {
+	name  string
+	fresh func(t *testing.T) (Store, string)
+}
+
+// backends are both implementations: bbolt, and PostgreSQL started for the test (one
+// server per test, one database per store; left out without PostgreSQL unless
+// SVSM_E2E_REQUIRE_POSTGRES is set).
+func backends(t *testing.T) []backend {
+	t.Helper()
+	bolt := backend{name: "bbolt", fresh: func(t *testing.T) (Store, string) {
+		s, err := OpenBoltStore(filepath.Join(t.TempDir(), "verifier.db"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s, ""
+	}}
+	server, ok := pgtest.Available(t)
+	if !ok {
+		return []backend{bolt}
+	}
+	srv := server.URL
+	var n atomic.Int32
+	pg := backend{name: "postgres", fresh: func(t *testing.T) (Store, string) {
+		db := fmt.Sprintf("conformance_%d", n.Add(1))
+		conn, err := pgx.Connect(t.Context(), srv)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := conn.Exec(t.Context(), "CREATE DATABASE "+db); err != nil {
+			t.Fatal(err)
+		}
+		conn.Close(t.Context())
+		url := strings.Replace(srv, "dbname=postgres", "dbname="+db, 1)
+		s, err := OpenPostgresStore(t.Context(), url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { s.Close() })
+		return s, url
+	}}
+	return []backend{bolt, pg}
+}
+
+// TestStoreConformance: both stores keep records, audit and metadata with the same
+// semantics: NotFound for what is missing, a failed transaction leaves nothing, the audit is
+// numbered in order and filtered by VM, since and limit.
+func TestStoreConformance(t *testing.T) {
+	for _, b := range backends(t) {
+		t.Run(b.name, func(t *testing.T) {
+			s, _ := b.fresh(t)
+			ctx := t.Context()
+			err := s.View(ctx, func(tx Tx) error {
+				if _, err := tx.VM("a"); !errors.Is(err, ErrNotFound) {
+					return fmt.Errorf("missing vm: %v", err)
+				}
+				if _, err := tx.Boot("b"); !errors.Is(err, ErrNotFound) {
+					return fmt.Errorf("missing boot: %v", err)
+				}
+				if v, err := tx.Meta("k"); v != nil || err != nil {
+					return fmt.Errorf("missing meta: %q %v", v, err)
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			boom := errors.New("boom")
+			if err := s.Update(ctx, func(tx Tx) error {
+				if err := tx.PutVM(&VM{VMSpec: VMSpec{Name: "rolled-back"}}); err != nil {
+					return err
+				}
+				return boom
+			}); !errors.Is(err, boom) {
+				t.Fatalf("fn's error: %v", err)
+			}
+			err = s.Update(ctx, func(tx Tx) error {
+				if tx.Now().IsZero() {
+					return errors.New("no transaction time")
+				}
+				for _, name := range []string{"b", "a"} {
+					if err := tx.PutVM(&VM{VMSpec: VMSpec{Name: name, SecretMode: "v1"}, Counter: 7}); err != nil {
+						return err
+					}
+					if err := tx.Audit(AuditEvent{Event: "register", Outcome: Allow, VM: name}); err != nil {
+						return err
+					}
+				}
+				if err := tx.PutBoot(&Boot{ID: "b1", VM: "a", Next: 8}); err != nil {
+					return err
+				}
+				return tx.PutMeta("k", []byte{1, 2, 3})
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = s.View(ctx, func(tx Tx) error {
+				vms, err := tx.VMs()
+				if err != nil || len(vms) != 2 {
+					return fmt.Errorf("VMs = %d, %v (the rolled-back one must be absent)", len(vms), err)
+				}
+				a, err := tx.VM("a")
+				if err != nil || a.Counter != 7 {
+					return fmt.Errorf("vm a: %+v %v", a, err)
+				}
+				if b, err := tx.Boot("b1"); err != nil || b.Next != 8 {
+					return fmt.Errorf("boot: %+v %v", b, err)
+				}
+				if v, err := tx.Meta("k"); err != nil || string(v) != "\x01\x02\x03" {
+					return fmt.Errorf("meta: %q %v", v, err)
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			all, err := s.AuditEvents(ctx, "", 0, 0)
+			if err != nil || len(all) != 2 || all[0].Seq >= all[1].Seq || all[0].VM != "b" || all[0].Time.IsZero() {
+				t.Fatalf("audit: %+v %v", all, err)
+			}
+			if got, _ := s.AuditEvents(ctx, "a", 0, 0); len(got) != 1 || got[0].VM != "a" {
+				t.Fatalf("audit of a: %+v", got)
+			}
+			if got, _ := s.AuditEvents(ctx, "", all[0].Seq, 0); len(got) != 1 || got[0].Seq != all[1].Seq {
+				t.Fatalf("audit since %d: %+v", all[0].Seq, got)
+			}
+			if got, _ := s.AuditEvents(ctx, "", 0, 1); len(got) != 1 {
+				t.Fatalf("audit limit 1: %+v", got)
+			}
+		})
+	}
+}
+
+// TestStoreSerializes: read-modify-write transactions from many goroutines (on PostgreSQL,
+// through two handles, as two replicas would) lose no update.
+func TestStoreSerializes(t *testing.T) {
+	for _, b := range backends(t) {
+		t.Run(b.name, func(t *testing.T) {
+			s, url := b.fresh(t)
+			handles := []Store{s}
+			if url != "" {
+				s2, err := OpenPostgresStore(t.Context(), url)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { s2.Close() })
+				handles = append(handles, s2)
+			}
+			ctx := t.Context()
+			if err := s.Update(ctx, func(tx Tx) error { return tx.PutVM(&VM{VMSpec: VMSpec{Name: "c"}}) }); err != nil {
+				t.Fatal(err)
+			}
+			const workers, each = 8, 10
+			var wg sync.WaitGroup
+			errs := make(chan error, workers)
+			for w := range workers {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					h := handles[w%len(handles)]
+					for range each {
+						if err := h.Update(ctx, func(tx Tx) error {
+							vm, err := tx.VM("c")
+							if err != nil {
+								return err
+							}
+							vm.Counter++
+							return tx.PutVM(vm)
+						}); err != nil {
+							errs <- err
+							return
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				t.Fatal(err)
+			}
+			var got uint64
+			_ = s.View(ctx, func(tx Tx) error {
+				vm, err := tx.VM("c")
+				if err == nil {
+					got = vm.Counter
+				}
+				return err
+			})
+			if got != workers*each {
+				t.Fatalf("counter %d after %d increments: updates were lost", got, workers*each)
+			}
+		})
+	}
+}
+
+// TestOneReleasePerBootRequestAcrossReplicas: two verifiers on one PostgreSQL race to release
+// on each of 20 boot requests; exactly one wins each, and the loser's refusal is audited.
+func TestOneReleasePerBootRequestAcrossReplicas(t *testing.T) {
+	bs := backends(t)
+	if len(bs) < 2 {
+		t.Skip("needs PostgreSQL")
+	}
+	_, url := bs[1].fresh(t)
+	var vs []*Verifier
+	for range 2 {
+		v, err := New(Options{DataDir: t.TempDir(), DatabaseURL: url, Instance: fmt.Sprintf("replica-%d", len(vs))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { v.Close() })
+		vs = append(vs, v)
+	}
+	if vs[0].tokenKey.Equal(vs[1].tokenKey) == false {
+		t.Fatal("the replicas made two token keys: the shared one lost a race")
+	}
+	ctx := t.Context()
+	if _, err := vs[0].Register(ctx, VMSpec{Name: "vm", Measurements: []protocol.HexBytes{make([]byte, 48)}, SecretMode: "v1"}); err != nil {
+		t.Fatal(err)
+	}
+	priv, _ := ecdh.P521().GenerateKey(rand.Reader)
+	key := protocol.ECPublicKeyFromECDH(priv.PublicKey())
+	const rounds = 20
+	for i := range rounds {
+		if _, err := vs[i%2].Prime(ctx, "vm"); err != nil {
+			t.Fatal(err)
+		}
+		var wins atomic.Int32
+		var wg sync.WaitGroup
+		for _, v := range vs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				_, ref, err := v.release(ctx, "vm", fmt.Sprintf("s%d", i), key, noGate)
+				switch {
+				case err != nil:
+					t.Error(err)
+				case ref == nil:
+					wins.Add(1)
+				case ref.Field != "boot_request":
+					t.Errorf("round %d: refused for %s, want boot_request", i, ref)
+				}
+			}()
+		}
+		wg.Wait()
+		if wins.Load() != 1 {
+			t.Fatalf("round %d: %d releases on one boot request", i, wins.Load())
+		}
+	}
+	evs, err := vs[1].AuditEvents(context.Background(), "vm", 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	allow, deny := 0, 0
+	for _, e := range evs {
+		if e.Event == "release" {
+			if !strings.HasPrefix(e.Instance, "replica-") {
+				t.Errorf("release row without its replica: %+v", e)
+			}
+			switch e.Outcome {
+			case Allow:
+				allow++
+			case Deny:
+				deny++
+			}
+		}
+	}
+	if allow != rounds || deny != rounds {
+		t.Fatalf("audit on the shared database: %d releases allowed, %d denied; want %d each", allow, deny, rounds)
+	}
+	view, _ := vs[0].Show(ctx, "vm")
+	if view.Releases != rounds {
+		t.Fatalf("the record counts %d releases, want %d", view.Releases, rounds)
+	}
+}
