@@ -31,6 +31,8 @@ vet:
 
 # Every test: unit tests, fuzz seed corpora and integration tests (with the race detector),
 # then the Ginkgo scenario suite in parallel (also with -race) against the built binaries.
+# The PostgreSQL tests start their own server; here a missing PostgreSQL fails them.
+test scenarios: export SVSM_E2E_REQUIRE_POSTGRES := 1
 test: deps vet build
 	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /scenarios$$)
 	$(MAKE) --no-print-directory scenarios

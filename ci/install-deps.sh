@@ -1,45 +1,72 @@
 #!/usr/bin/env bash
 # Installs what svsm-e2e needs on a fresh Debian 12 machine, and nothing that is already there.
 # Used by `make demo`, `make test` and CI. Idempotent: a second run installs nothing.
+# Prints one line per step (what, and why); apt's and dpkg's own output goes to a log file
+# that an error names.
 set -euo pipefail
 
-# Base: cgo for the race detector and the TPM simulator (links OpenSSL's libcrypto, statically
-# for svsm-guest), and cryptsetup for the LUKS2 data disks.
-pkgs=(gcc libc6-dev libssl-dev cryptsetup-bin)
-# The QEMU backend (make test runs its scenarios too): QEMU, and xz to unpack the kernel that
-# `svsm-e2e images` fetches with apt-get download.
-pkgs+=(qemu-system-x86 xz-utils)
-# The IGVM-capable QEMU in ../shared/tools/qemu-igvm (backend:coconut specs, when present) is
-# linked against these Debian libraries (its README); qemu-system-x86 brings them too, named
-# here so that the dependency is explicit.
-pkgs+=(libglib2.0-0 libslirp0 libfdt1 zlib1g libpcre2-8-0)
+log="${SVSM_E2E_SETUP_LOG:-${TMPDIR:-/tmp}/svsm-e2e-install-deps.log}"
+: >"$log"
 
-missing=()
-for p in "${pkgs[@]}"; do
-  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-    missing+=("$p")
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+
+# run WHAT CMD...: runs CMD with its output in the log; on failure says where to look.
+run() {
+  local what="$1"
+  shift
+  echo "== $what: $*" >>"$log"
+  if ! "$@" >>"$log" 2>&1; then
+    echo "install-deps: $what failed; its output is in $log (last lines below)" >&2
+    tail -n 15 "$log" >&2
+    exit 1
   fi
+}
+
+# Package groups, each with the reason it is needed.
+groups=(
+  "gcc libc6-dev libssl-dev|cgo, the race detector, and the TPM simulator (links OpenSSL's libcrypto, statically for svsm-guest)"
+  "cryptsetup-bin|LUKS2 data disks (the FDE scenarios)"
+  "qemu-system-x86 xz-utils|the QEMU backend, and unpacking the kernel svsm-e2e images fetches with apt-get download"
+  "libglib2.0-0 libslirp0 libfdt1 zlib1g libpcre2-8-0|libraries the IGVM-capable QEMU in ../shared/tools/qemu-igvm links against"
+  "postgresql|the verifier's scale-out store: its tests start their own PostgreSQL server from these binaries"
+)
+
+updated=""
+for g in "${groups[@]}"; do
+  pkgs="${g%%|*}"
+  why="${g#*|}"
+  missing=()
+  for p in $pkgs; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+      missing+=("$p")
+    fi
+  done
+  if ((${#missing[@]} == 0)); then
+    echo "install-deps: present: $pkgs; for $why"
+    continue
+  fi
+  echo "install-deps: installing ${missing[*]}; for $why"
+  if [ -z "$updated" ]; then
+    run "apt-get update" $sudo apt-get update -q
+    updated=1
+  fi
+  run "apt-get install ${missing[*]}" $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 done
-if ((${#missing[@]})); then
-  sudo=""
-  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-  echo "install-deps: apt-get install ${missing[*]}"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
-else
-  echo "install-deps: Debian packages present (${pkgs[*]})"
-fi
+
 # The guest image fetches the kernel package by name: the package lists must know it.
 if ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
-  sudo=""
-  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
-  echo "install-deps: apt-get update (package lists do not know linux-image-amd64)"
-  $sudo apt-get update -qq
+  echo "install-deps: refreshing the package lists (they do not know linux-image-amd64, which the guest image is built from)"
+  run "apt-get update" $sudo apt-get update -q
 fi
 
 if ! command -v go >/dev/null 2>&1; then
   echo "install-deps: Go 1.26 is required and is not on PATH (expected at /usr/local/go/bin)" >&2
   exit 1
 fi
-go mod download
-echo "install-deps: Go modules present"
+if go mod verify >/dev/null 2>&1; then
+  echo "install-deps: present: Go modules (go.sum verified)"
+else
+  echo "install-deps: downloading Go modules (go.mod's requirements)"
+  run "go mod download" go mod download
+fi
