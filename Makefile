@@ -58,9 +58,11 @@ fuzz:
 
 # Benchmarks (speed targets live here, never in timed tests).
 bench: deps build
+	$(GO) test -run '^$$' -bench 'BenchmarkVerifierCapacity' -benchtime 300x ./harness
 	$(GO) test -run '^$$' -bench 'BenchmarkAttestRelease' -benchtime 100x ./harness
 	$(GO) test -run '^$$' -bench 'BenchmarkBootToUnlocked' -benchtime 3x ./harness
 	$(GO) test -run '^$$' -bench 'BenchmarkCoconutAttest' -benchtime 5x ./harness
+	$(BIN)/svsm-e2e explore --seed 1 --budget 100 --workdir $(CURDIR)/explore-work | tail -2
 
 demo: deps build
 	$(BIN)/svsm-e2e demo --backend $(BACKEND) --workdir $(CURDIR)/demo-work

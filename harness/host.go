@@ -86,6 +86,8 @@ type HostOptions struct {
 	CADir string
 	// VerifierArgs are extra `svsm-verifier serve` flags (e.g. --max-sessions for a flood test).
 	VerifierArgs []string
+	// VerifierEnv is extra environment for the verifiers (e.g. GOMAXPROCS=1 for a benchmark).
+	VerifierEnv []string
 	// GenuineAMD makes the verifier trust AMD's genuine roots and fetch VCEKs from AMD's KDS
 	// (the hardware leg: reports signed by a real AMD-SP). fakesnp still runs, unused.
 	GenuineAMD bool
@@ -233,7 +235,11 @@ func (h *Host) launch(ctx context.Context, name, bin string, args []string, addr
 		}
 		_ = os.Remove(f)
 	}
-	p, err := StartProc(name, bin, args, h.path("logs", name+".log"))
+	var env []string
+	if strings.HasPrefix(name, "svsm-verifier") {
+		env = h.opts.VerifierEnv
+	}
+	p, err := StartProcEnv(name, bin, args, env, h.path("logs", name+".log"))
 	if err != nil {
 		return nil, nil, err
 	}

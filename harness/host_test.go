@@ -229,3 +229,36 @@ func (j *cookieJar) Cookies(_ *url.URL) []*http.Cookie {
 	defer j.mu.Unlock()
 	return j.cookies
 }
+
+// TestVerifiedChainIsRememberedNotTheReport: after a report of chip0 verified in full (its
+// VCEK chain is then remembered), every later report of that chip still has its own
+// signature checked: a flipped byte, or a report another chip signed, is refused.
+func TestVerifiedChainIsRememberedNotTheReport(t *testing.T) {
+	h := startHost(t)
+	ctx := context.Background()
+	good, err := h.AddVM(ctx, harness.VMSetup{Name: "good", Prime: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := guest(ctx, good); err != nil {
+		t.Fatalf("the first report, verified in full: %v", err)
+	}
+	for _, f := range []fakesnp.Faults{{BadSignature: true}, {SignWithChip: "chip9"}} {
+		hj, err := h.AddVM(ctx, harness.VMSetup{Name: fmt.Sprintf("bad-%v", f.BadSignature), Prime: true, Faults: f})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := guest(ctx, hj); !errors.Is(err, attest.ErrRefused) {
+			t.Fatalf("faults %+v: attestation = %v, want refusal", f, err)
+		}
+		if ev := lastAudit(t, h, ""); ev.Event != "attest" || ev.Outcome != verifier.Deny || !strings.HasPrefix(ev.Reason, "signature:") {
+			t.Fatalf("faults %+v: audit = %+v, want a signature refusal", f, ev)
+		}
+	}
+	if _, err := h.Admin.Prime(ctx, "good"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := guest(ctx, good); err != nil {
+		t.Fatalf("a good report through the remembered chain: %v", err)
+	}
+}

@@ -27,6 +27,11 @@ type Proc struct {
 
 // StartProc starts bin with args, logging to logPath (appended, so restarts keep history).
 func StartProc(name, bin string, args []string, logPath string) (*Proc, error) {
+	return StartProcEnv(name, bin, args, nil, logPath)
+}
+
+// StartProcEnv is StartProc with extra environment variables (NAME=value) on top of ours.
+func StartProcEnv(name, bin string, args, env []string, logPath string) (*Proc, error) {
 	if err := os.MkdirAll(filepath.Dir(logPath), 0o755); err != nil {
 		return nil, err
 	}
@@ -35,6 +40,9 @@ func StartProc(name, bin string, args []string, logPath string) (*Proc, error) {
 		return nil, fmt.Errorf("%s log: %w", name, err)
 	}
 	cmd := exec.Command(bin, args...)
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

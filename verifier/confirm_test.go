@@ -204,3 +204,30 @@ func TestSetMeasurements(t *testing.T) {
 		t.Fatalf("last audit %+v", last)
 	}
 }
+
+// TestReleaseChecksTheKeyBeforeSpendingTheRequest: a key that is no P-521 point is refused
+// (and audited) before the transaction, so the boot request survives for the real guest.
+func TestReleaseChecksTheKeyBeforeSpendingTheRequest(t *testing.T) {
+	v := newTestVerifier(t)
+	if _, err := v.Register(t.Context(), VMSpec{Name: "vm", Measurements: []protocol.HexBytes{make([]byte, 48)}, SecretMode: "v1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.Prime(t.Context(), "vm"); err != nil {
+		t.Fatal(err)
+	}
+	bad := protocol.ECPublicKey{X: make([]byte, protocol.P521CoordSize), Y: make([]byte, protocol.P521CoordSize)}
+	bad.X[65], bad.Y[65] = 1, 1 // (1, 1) is not on the curve
+	_, ref, err := v.release(t.Context(), "vm", "s", bad, noGate)
+	if err != nil || ref == nil || ref.Field != "tee-pubkey" {
+		t.Fatalf("release to (1, 1) = %v, %v; want a tee-pubkey refusal", ref, err)
+	}
+	view, _ := v.Show(t.Context(), "vm")
+	if !view.Primed || view.Releases != 0 {
+		t.Fatalf("the boot request was spent on a key that cannot be used: %+v", view)
+	}
+	v.auditLog.sync()
+	evs, _ := v.Store().AuditEvents(t.Context(), "vm", 0, 0)
+	if last := evs[len(evs)-1]; last.Event != "release" || last.Outcome != Deny || !strings.HasPrefix(last.Reason, "tee-pubkey") {
+		t.Fatalf("audit = %+v", last)
+	}
+}

@@ -3,6 +3,7 @@ package verifier
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/pem"
@@ -172,6 +173,55 @@ type checker struct {
 	roots       map[string][]*trust.AMDRootCerts // nil: genuine AMD roots embedded in go-sev-guest
 	rootProduct string                           // product line of the configured roots, if any
 	checkCRL    bool
+	chains      chainCache
+}
+
+// chainCache remembers endorsement keys (VCEK or VLEK certificates) whose chain to the
+// trusted roots go-sev-guest has verified: checking the chain is two RSA-4096 signatures
+// and parsing three certificates, the same for every report of a chip and TCB. A report
+// signed by a remembered key gets its own signature checked, and the key's validity period
+// re-checked, but not the chain again. Without CRL checks only (a CRL can change).
+type chainCache struct {
+	mu sync.Mutex
+	m  map[chainKey]chainEntry
+}
+
+// chainKey: the signing-key kind, the report's product line and the certificate's bytes.
+type chainKey struct {
+	signer  abi.ReportSigner
+	product string
+	der     [32]byte
+}
+
+type chainEntry struct {
+	cert  *x509.Certificate
+	until time.Time // re-verified in full after this
+}
+
+// Bounds of the chain cache: entries live chainTTL, and it is emptied when it holds
+// maxChains (one per chip and TCB in use; a flood of fresh certificates cannot grow it).
+const (
+	chainTTL  = 10 * time.Minute
+	maxChains = 4096
+)
+
+func (c *chainCache) get(k chainKey, now time.Time) *x509.Certificate {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.m[k]
+	if !ok || now.After(e.until) || now.After(e.cert.NotAfter) || now.Before(e.cert.NotBefore) {
+		return nil
+	}
+	return e.cert
+}
+
+func (c *chainCache) put(k chainKey, cert *x509.Certificate, now time.Time) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.m == nil || len(c.m) >= maxChains {
+		c.m = map[chainKey]chainEntry{}
+	}
+	c.m[k] = chainEntry{cert: cert, until: now.Add(chainTTL)}
 }
 
 // FieldKDSUnavailable names a refusal because the KDS could not be reached: the report was
@@ -226,13 +276,32 @@ func (c *checker) verifyReport(ctx context.Context, raw, certs []byte) (*spb.Att
 		}
 		att.CertificateChain.VcekCert = vcek
 	}
-	opts := &verify.Options{Getter: c.getter, Now: time.Now(), TrustedRoots: c.roots, CheckRevocations: c.checkCRL}
+	now := time.Now()
+	var key chainKey
+	var ek []byte
+	if info, err := abi.ParseSignerInfo(report.GetSignerInfo()); err == nil {
+		ek = att.CertificateChain.GetVcekCert()
+		if info.SigningKey == abi.VlekReportSigner {
+			ek = att.CertificateChain.GetVlekCert()
+		}
+		key = chainKey{signer: info.SigningKey, product: c.productLine(report), der: sha256.Sum256(ek)}
+	}
+	if cert := c.chains.get(key, now); cert != nil && len(ek) > 0 && !c.checkCRL {
+		if err := verify.SnpReportSignature(raw, cert); err != nil {
+			return nil, refuse("signature", "report signature: %v", err)
+		}
+		return att, nil
+	}
+	opts := &verify.Options{Getter: c.getter, Now: now, TrustedRoots: c.roots, CheckRevocations: c.checkCRL}
 	if err := verify.SnpAttestationContext(ctx, att, opts); err != nil {
 		var ke *KDSError
 		if errors.As(err, &ke) && ke.Unavailable {
 			return nil, refuse(FieldKDSUnavailable, "%v", err)
 		}
 		return nil, refuse("signature", "report signature or VCEK chain: %v", err)
+	}
+	if cert, err := x509.ParseCertificate(ek); err == nil && len(ek) > 0 {
+		c.chains.put(key, cert, now)
 	}
 	return att, nil
 }

@@ -626,9 +626,17 @@ func (v *Verifier) release(ctx context.Context, vmName, sid string, key protocol
 	if _, err := rand.Read(confirmKey); err != nil {
 		return nil, nil, err
 	}
-	var out *protocol.FlattenedJWE
+	// The guest's key must work before the request is spent on it; the JWE itself is made
+	// after the commit, outside the database's write lock (an ECDH is milliseconds).
+	if _, err := key.ECDH(); err != nil {
+		ref := refuse("tee-pubkey", "not a P-521 point: %v", err)
+		v.audit(AuditEvent{Event: "release", Outcome: Deny, VM: vmName, Session: sid, Reason: ref.Error()})
+		return nil, ref, nil
+	}
+	var secret []byte
 	var ref *Refusal
 	err := v.store.Update(ctx, func(tx Tx) error {
+		secret, ref = nil, nil
 		vm, err := tx.VM(vmName)
 		if err != nil {
 			return err
@@ -640,7 +648,6 @@ func (v *Verifier) release(ctx context.Context, vmName, sid string, key protocol
 		if ref = gate(vm); ref != nil {
 			return tx.Audit(AuditEvent{Event: "release", Outcome: Deny, VM: vm.Name, Session: sid, Reason: ref.Error()})
 		}
-		var secret []byte
 		boot := &Boot{ID: hex.EncodeToString(bootID), VM: vm.Name, Expected: vm.Counter, Next: vm.Counter + 1, ConfirmKey: confirmKey, Released: tx.Now()}
 		switch vm.SecretMode {
 		case protocol.SecretModeRaw:
@@ -654,10 +661,6 @@ func (v *Verifier) release(ctx context.Context, vmName, sid string, key protocol
 			secret, _ = p.MarshalBinary()
 		default:
 			return fmt.Errorf("vm %s: unknown secret mode %q", vm.Name, vm.SecretMode)
-		}
-		out, err = protocol.EncryptSecret(key, secret)
-		if err != nil {
-			return err
 		}
 		vm.Primed = false
 		vm.LastBoot = boot.ID
@@ -684,6 +687,12 @@ func (v *Verifier) release(ctx context.Context, vmName, sid string, key protocol
 	if ref != nil {
 		v.log.Info("decision", "event", "release", "outcome", Deny, "vm", vmName, "reason", ref.Error())
 		return nil, ref, nil
+	}
+	out, err := protocol.EncryptSecret(key, secret)
+	if err != nil {
+		// The key was checked above; only a failing random source gets here. The request is
+		// spent, as when an answer is lost after the commit.
+		return nil, nil, fmt.Errorf("release for vm %s: seal the secret: %w", vmName, err)
 	}
 	v.log.Info("decision", "event", "release", "outcome", Allow, "vm", vmName, "session", sid)
 	return out, nil, nil

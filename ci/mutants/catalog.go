@@ -143,4 +143,10 @@ var catalog = []Mutant{
 	{"S2", "verifier on PostgreSQL: a transaction that lost a serialization race is not retried", "verifier/store_postgres.go",
 		"\treturn errors.As(err, &pe) && (pe.Code == \"40001\" || pe.Code == \"40P01\")",
 		"\treturn false && errors.As(err, &pe)"},
+	{"V20", "verifier: a report signed under a remembered VCEK chain is not checked itself", "verifier/evidence.go",
+		"\t\tif err := verify.SnpReportSignature(raw, cert); err != nil {",
+		"\t\tif err := verify.SnpReportSignature(raw, cert); err != nil && false {"},
+	{"V21", "verifier: the guest's key is not checked before its boot request is spent", "verifier/server.go",
+		"\tif _, err := key.ECDH(); err != nil {\n\t\tref := refuse(\"tee-pubkey\"",
+		"\tif _, err := key.ECDH(); err != nil && false {\n\t\tref := refuse(\"tee-pubkey\""},
 }

@@ -113,11 +113,14 @@ instances (clone) are served in the scheduler's order, so their bytes may swap. 
 				return err
 			}
 			fmt.Fprintf(out, "explore: seed %d, budget %s, work in %s\n", seed, budget, workdir)
+			start := time.Now()
 			rep, err := explore.Explore(ctx, o, seed, bud, func(l string) { fmt.Fprintln(out, "explore:", l) })
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(out, "explore: seed %d: %d sequences, %d steps\n", seed, rep.Sequences, rep.Steps)
+			took := time.Since(start)
+			fmt.Fprintf(out, "explore: seed %d: %d sequences, %d steps in %s (%.0f steps/min)\n", seed, rep.Sequences, rep.Steps,
+				took.Round(time.Second), float64(rep.Steps)/took.Minutes())
 			if rep.Found == nil {
 				fmt.Fprintln(out, "explore: no invariant broke")
 				return nil

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"time"
@@ -50,7 +51,7 @@ func newRoot() *cobra.Command {
 
 func serveCmd() *cobra.Command {
 	var opts verifier.Options
-	var listen, adminListen, addrFile, adminAddrFile, rootsFile, logFormat, logLevel, crashAt, testSeed string
+	var listen, adminListen, addrFile, adminAddrFile, rootsFile, logFormat, logLevel, crashAt, testSeed, cpuProfile string
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Serve the KBS protocol and the admin API",
@@ -86,6 +87,16 @@ func serveCmd() *cobra.Command {
 				return err
 			}
 			defer v.Close()
+			if cpuProfile != "" {
+				f, err := os.Create(cpuProfile)
+				if err != nil {
+					return fmt.Errorf("cpu profile: %w", err)
+				}
+				if err := pprof.StartCPUProfile(f); err != nil {
+					return fmt.Errorf("cpu profile: %w", err)
+				}
+				defer func() { pprof.StopCPUProfile(); f.Close() }() // on SIGTERM/SIGINT, after serving
+			}
 			ctx, stop := daemon.SignalContext()
 			defer stop()
 			kbsLn, err := daemon.Listen(listen, addrFile)
@@ -124,6 +135,7 @@ func serveCmd() *cobra.Command {
 	f.DurationVar(&opts.KDS.NegativeTTL, "kds-negative-ttl", time.Minute, "how long a KDS 'no such certificate' answer is remembered")
 	f.DurationVar(&opts.KDS.OutageTTL, "kds-outage-ttl", 5*time.Second, "how long an unreachable KDS is remembered before it is tried again")
 	f.BoolVar(&opts.CheckCRL, "check-crl", false, "fetch the product CRL from the KDS and refuse a revoked ASK")
+	f.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run to this file (for `make bench`)")
 	f.StringVar(&testSeed, "test-seed", "", detrand.FlagHelp+"; needs --trusted-roots")
 	f.StringVar(&crashAt, "crash-at", "", "fault injection: die at a registered point NAME[#n] (verifier/...; svsm-e2e crash-points lists them)")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")

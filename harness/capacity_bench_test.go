@@ -1,0 +1,197 @@
+package harness_test
+
+import (
+	"context"
+	"crypto/ecdh"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha512"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/svsm-e2e/svsm-e2e/harness"
+	"github.com/svsm-e2e/svsm-e2e/internal/postgres"
+	"github.com/svsm-e2e/svsm-e2e/protocol"
+)
+
+// cryptoFloor is the verifier-side cryptography one boot cannot do without, measured in this
+// process on one core: one P-384 report signature verification, one P-521 ECDH-ES key
+// agreement with a fresh ephemeral key (the JWE wrap of the secret), and one ES384 token
+// signature. Seconds per boot.
+func cryptoFloor() (verify, wrap, sign float64) {
+	key, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	report := make([]byte, 0x2a0) // the signed part of an SNP report
+	digest := sha512.Sum384(report)
+	sig, _ := ecdsa.SignASN1(rand.Reader, key, digest[:])
+	guest, _ := ecdh.P521().GenerateKey(rand.Reader)
+	per := func(f func()) float64 {
+		f() // warm
+		n, start := 0, time.Now()
+		for time.Since(start) < 300*time.Millisecond || n < 50 {
+			f()
+			n++
+		}
+		return time.Since(start).Seconds() / float64(n)
+	}
+	verify = per(func() {
+		d := sha512.Sum384(report)
+		if !ecdsa.VerifyASN1(&key.PublicKey, d[:], sig) {
+			panic("floor: signature does not verify")
+		}
+	})
+	wrap = per(func() {
+		eph, _ := ecdh.P521().GenerateKey(rand.Reader)
+		if _, err := eph.ECDH(guest.PublicKey()); err != nil {
+			panic(err)
+		}
+	})
+	sign = per(func() {
+		d := sha512.Sum384([]byte("header.claims"))
+		if _, err := ecdsa.SignASN1(rand.Reader, key, d[:]); err != nil {
+			panic(err)
+		}
+	})
+	return verify, wrap, sign
+}
+
+// procCPU is a process's user+system CPU time so far (from /proc, in clock ticks of 10 ms).
+func procCPU(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// Fields after the command name (which is in parentheses and may hold spaces).
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(utime+stime) * 10 * time.Millisecond, nil
+}
+
+// BenchmarkVerifierCapacity drives boot cycles (prime, attestation with a release through the
+// real proxy, confirmation) from concurrent clients against the real verifier with durable
+// commits, on bbolt and on PostgreSQL, with the verifier on 1 and 2 cores (GOMAXPROCS), and
+// reports the verifier's own CPU time per boot (from /proc, whatever else shares the
+// machine) against the crypto floor measured in the same run:
+//
+//	floor-ratio = floor seconds per boot / verifier CPU seconds per boot
+//
+// 1.0 would mean the verifier does nothing but the unavoidable cryptography; the target is
+// 0.7. A CPU profile of each run's verifier is summarised in the log.
+func BenchmarkVerifierCapacity(b *testing.B) {
+	v, w, s := cryptoFloor()
+	floor := v + w + s
+	fmt.Printf("crypto floor per boot on one core: %.2f ms (P-384 verify %.2f + P-521 ECDH-ES %.2f + ES384 sign %.2f)\n", floor*1e3, v*1e3, w*1e3, s*1e3)
+	const clients = 4
+	for _, store := range []string{"bbolt", "postgres"} {
+		for _, procs := range []int{1, 2} {
+			b.Run(fmt.Sprintf("%s/cores=%d", store, procs), func(b *testing.B) {
+				if store == "postgres" {
+					if _, err := postgres.BinDir(); err != nil {
+						b.Skip(err)
+					}
+				}
+				work := b.TempDir()
+				if err := os.CopyFS(filepath.Join(work, "fakesnp", "ca"), os.DirFS(sharedCA(b))); err != nil {
+					b.Fatal(err)
+				}
+				ctx := context.Background()
+				prof := filepath.Join(work, "verifier.pprof")
+				h, err := harness.StartHost(ctx, harness.HostOptions{WorkDir: work, Binaries: bins, Postgres: store == "postgres",
+					VerifierEnv: []string{fmt.Sprintf("GOMAXPROCS=%d", procs)}, VerifierArgs: []string{"--cpuprofile", prof}})
+				if err != nil {
+					b.Fatal(err)
+				}
+				defer h.Stop()
+				hjs := make([]*protocol.HostJSON, clients)
+				for i := range hjs {
+					if hjs[i], err = h.AddVM(ctx, harness.VMSetup{Name: fmt.Sprintf("cap%d", i)}); err != nil {
+						b.Fatal(err)
+					}
+				}
+				cycle := func(i int, hj *protocol.HostJSON) error {
+					if _, err := h.Admin.Prime(ctx, hj.VM); err != nil {
+						return err
+					}
+					res, err := harness.Attest(ctx, hj)
+					if err != nil {
+						return err
+					}
+					var p protocol.SecretPayloadV1
+					if err := p.UnmarshalBinary(res.Secret); err != nil {
+						return err
+					}
+					resp, err := harness.Confirm(ctx, hj, p.ConfirmKey[:], p.BootID[:], p.NextCounter)
+					if err != nil || !resp.Success {
+						return fmt.Errorf("client %d: confirm: %v %+v", i, err, resp)
+					}
+					return nil
+				}
+				for i, hj := range hjs { // warm: VCEK fetched and cached, connections open
+					if err := cycle(i, hj); err != nil {
+						b.Fatal(err)
+					}
+				}
+				pid := h.Verifier.PID()
+				cpu0, err := procCPU(pid)
+				if err != nil {
+					b.Fatal(err)
+				}
+				start := time.Now()
+				b.ResetTimer()
+				var wg sync.WaitGroup
+				errs := make(chan error, clients)
+				for i, hj := range hjs {
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						for n := i; n < b.N; n += clients {
+							if err := cycle(i, hj); err != nil {
+								errs <- err
+								return
+							}
+						}
+					}()
+				}
+				wg.Wait()
+				b.StopTimer()
+				wall := time.Since(start)
+				close(errs)
+				for err := range errs {
+					b.Fatal(err)
+				}
+				cpu1, _ := procCPU(pid)
+				perBoot := (cpu1 - cpu0).Seconds() / float64(b.N)
+				b.ReportMetric(float64(b.N)/wall.Seconds(), "boots/s")
+				b.ReportMetric(perBoot*1e3, "verifier-cpu-ms/boot")
+				b.ReportMetric(floor/perBoot, "floor-ratio")
+				if b.N < 20 {
+					return // the calibration run: too short for /proc's 10 ms ticks
+				}
+				fmt.Printf("%s, verifier on %d core(s), %d clients: %.1f boots/s wall; verifier CPU %.2f ms/boot; floor %.2f ms: floor-ratio %.2f (target 0.7)\n",
+					store, procs, clients, float64(b.N)/wall.Seconds(), perBoot*1e3, floor*1e3, floor/perBoot)
+				if err := h.Stop(); err == nil {
+					summariseProfile(b, prof)
+				}
+			})
+		}
+	}
+}
+
+// summariseProfile prints the verifier's top functions by cumulative CPU (where the time
+// beyond the floor goes).
+func summariseProfile(b *testing.B, prof string) {
+	out, err := exec.Command("go", "tool", "pprof", "-top", "-cum", "-nodecount=60", bins.Verifier, prof).CombinedOutput()
+	if err != nil {
+		b.Logf("pprof: %v", err)
+		return
+	}
+	b.Logf("verifier CPU profile (cumulative):\n%s", out)
+}
