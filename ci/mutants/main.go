@@ -38,6 +38,7 @@ func main() {
 	only := flag.String("only", "", "comma-separated mutant ids (default: all)")
 	out := flag.String("out", "mutants.json", "where to write the results")
 	suiteTimeout := flag.Duration("suite-timeout", 6*time.Minute, "bound on one run of the process scenarios")
+	fast := flag.Bool("fast", false, "stop at the first stage that kills a mutant (unit tests, then scenarios) and let go test reuse cached results of packages the mutant does not touch: the score, not every killer")
 	flag.Parse()
 	root, err := exec.Command("git", "rev-parse", "--show-toplevel").Output()
 	if err != nil {
@@ -76,10 +77,17 @@ func main() {
 			// A mutant that does not compile proves nothing about the tests: a catalog error.
 			r.Error = "the mutant does not build: " + firstError(out)
 		} else {
-			tests, _ := run(tree, 15*time.Minute, "go", "test", "-count=1", "./protocol/...", "./svsm/...", "./verifier/...", "./harness/...",
-				"./fakesnp/...", "./proxy/...", "./internal/...", "./firmware/...", "./guestos/...", "./igvm/...")
+			args := []string{"test", "-count=1", "./protocol/...", "./svsm/...", "./verifier/...", "./harness/...",
+				"./fakesnp/...", "./proxy/...", "./internal/...", "./firmware/...", "./guestos/...", "./igvm/..."}
+			if *fast {
+				args = append(args[:1], args[2:]...) // cached results for untouched packages
+			}
+			tests, _ := run(tree, 15*time.Minute, "go", args...)
 			for _, m := range failLine.FindAllStringSubmatch(tests, -1) {
 				r.KilledBy = append(r.KilledBy, "go: "+m[1])
+			}
+			if *fast && len(r.KilledBy) > 0 {
+				goto done
 			}
 			specs, _ := run(tree, *suiteTimeout+time.Minute, "env", "SVSM_E2E_BIN="+filepath.Join(tree, "bin"), "GINKGO_NO_COLOR=TRUE",
 				"go", "tool", "ginkgo", "-p", "--label-filter", "backend:process", "--timeout", suiteTimeout.String(), "./scenarios")
@@ -87,6 +95,7 @@ func main() {
 				r.KilledBy = append(r.KilledBy, "spec: "+m[1])
 			}
 		}
+	done:
 		_ = os.WriteFile(path, orig, 0o644)
 		sort.Strings(r.KilledBy)
 		r.KilledBy = compact(r.KilledBy)
