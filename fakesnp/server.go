@@ -28,6 +28,7 @@ import (
 	"github.com/google/go-sev-guest/abi"
 	"github.com/google/go-sev-guest/kds"
 	"github.com/google/uuid"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/svsm-e2e/svsm-e2e/internal/admintoken"
 	"github.com/svsm-e2e/svsm-e2e/internal/atomicfile"
@@ -61,6 +62,8 @@ type Server struct {
 	launches  map[string]*launch
 	wg        sync.WaitGroup
 	closed    bool
+	// kdsRequests counts KDS requests (metrics).
+	kdsRequests *prometheus.CounterVec
 }
 
 type launch struct {
@@ -98,7 +101,8 @@ func New(opts Options) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("fakesnp: %w", err)
 	}
-	s := &Server{opts: opts, log: opts.Logger, ca: ca, token: token, chips: map[string]*Chip{}, launches: map[string]*launch{}}
+	s := &Server{opts: opts, log: opts.Logger, ca: ca, token: token, chips: map[string]*Chip{}, launches: map[string]*launch{},
+		kdsRequests: newKDSRequests()}
 	specs, err := s.loadRegistry()
 	if err != nil {
 		return nil, err
@@ -455,15 +459,16 @@ func (s *Server) serveConn(l *launch, c net.Conn) {
 // owner, not anybody who can reach the port.
 func (s *Server) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /vcek/v1/{product}/{hwid}", s.handleKDS)
-	mux.HandleFunc("GET /vlek/v1/{product}/cert_chain", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("GET /vcek/v1/{product}/{hwid}", s.countKDS("vcek", s.handleKDS))
+	mux.Handle("GET /metrics", s.metricsHandler())
+	mux.HandleFunc("GET /vlek/v1/{product}/cert_chain", s.countKDS("vlek", func(w http.ResponseWriter, r *http.Request) {
 		if p := r.PathValue("product"); p != ProductLine {
 			http.Error(w, fmt.Sprintf("unknown product %q", p), http.StatusNotFound)
 			return
 		}
 		w.Header().Set("Content-Type", "application/x-pem-file")
 		w.Write(s.ca.VLEKChainPEM())
-	})
+	}))
 	admin := http.NewServeMux()
 	mux.Handle("/admin/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !admintoken.Valid(r, s.token) {

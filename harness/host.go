@@ -126,6 +126,8 @@ type Host struct {
 	verifierCrash, proxyCrash string
 	// starts counts each component's starts, naming its derived test seed.
 	starts map[string]int
+	// ProxyMetricsURL is svsm-proxy's Prometheus endpoint.
+	ProxyMetricsURL string
 	// pg is the PostgreSQL server of a Postgres host.
 	pg *postgres.Server
 	// Replicas are the verifiers after the first (Verifier), and ReplicaURLs their KBS URLs.
@@ -391,11 +393,25 @@ func (h *Host) startProxy(ctx context.Context) error {
 	if h.proxyVerifierURL != "" {
 		verifierURL = h.proxyVerifierURL
 	}
-	p, _, err := h.launch(ctx, "svsm-proxy", h.opts.Binaries.Proxy,
-		append([]string{"--listen-unix", h.ProxySocket, "--addr-file", addrFile, "--verifier-url", verifierURL, "--step-timeout", "30s", "--persistent"},
-			crashArgs(h.proxyCrash)...), addrFile)
+	metricsFile := h.path("run", "proxy-metrics.addr")
+	listen := "127.0.0.1:0"
+	if h.ProxyMetricsURL != "" { // a restart keeps its address
+		listen = strings.TrimSuffix(strings.TrimPrefix(h.ProxyMetricsURL, "http://"), "/metrics")
+	}
+	p, addrs, err := h.launch(ctx, "svsm-proxy", h.opts.Binaries.Proxy,
+		append([]string{"--listen-unix", h.ProxySocket, "--addr-file", addrFile, "--verifier-url", verifierURL, "--step-timeout", "30s", "--persistent",
+			"--metrics-listen", listen, "--metrics-addr-file", metricsFile},
+			crashArgs(h.proxyCrash)...), addrFile, metricsFile)
 	h.Proxy = p
+	if err == nil {
+		h.ProxyMetricsURL = "http://" + addrs[1] + "/metrics"
+	}
 	return err
+}
+
+// MetricsURLs are the Prometheus endpoints of the host's services, by name.
+func (h *Host) MetricsURLs() map[string]string {
+	return map[string]string{"fakesnp": h.FakeSNPURL + "/metrics", "svsm-verifier": h.AdminURL + "/metrics", "svsm-proxy": h.ProxyMetricsURL}
 }
 
 // Stop stops every component (SIGTERM, then SIGKILL after a grace period).

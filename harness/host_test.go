@@ -6,10 +6,12 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -260,5 +262,68 @@ func TestVerifiedChainIsRememberedNotTheReport(t *testing.T) {
 	}
 	if _, err := guest(ctx, good); err != nil {
 		t.Fatalf("a good report through the remembered chain: %v", err)
+	}
+}
+
+// TestMetricsEndpoints (and logs): after one boot's attestation and confirmation, each service's
+// Prometheus endpoint counts what it did: fakesnp signed a report and served the VCEK, the
+// proxy answered an attestation and forwarded a confirmation, the verifier released and
+// confirmed once and fetched the VCEK once.
+func TestMetricsEndpoints(t *testing.T) {
+	h := startHost(t)
+	ctx := context.Background()
+	hj, err := h.AddVM(ctx, harness.VMSetup{Name: "m", Prime: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := guest(ctx, hj)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var p protocol.SecretPayloadV1
+	if err := p.UnmarshalBinary(res.Secret); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := harness.Confirm(ctx, hj, p.ConfirmKey[:], p.BootID[:], p.NextCounter); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string][]string{
+		"fakesnp": {"svsm_fakesnp_reports_total 1", `svsm_fakesnp_kds_requests_total{kind="vcek",status="OK"} 1`, "svsm_fakesnp_launches 1"},
+		"svsm-proxy": {"svsm_proxy_attestations_total 1", "svsm_proxy_confirmations_total 1", `svsm_proxy_verifier_seconds_count{path="resource"} 1`,
+			`svsm_proxy_verifier_seconds_count{path="confirm"} 1`},
+		"svsm-verifier": {`svsm_verifier_decisions_total{event="release",outcome="allow",reason=""} 1`,
+			`svsm_verifier_decisions_total{event="confirm",outcome="allow",reason=""} 1`, "svsm_verifier_kds_fetches_total 1",
+			"svsm_verifier_chain_verifications_total 1", `svsm_verifier_request_seconds_count{route="attest"} 1`},
+	}
+	// The logs tie the layers: the boot id the guest holds is on the verifier's release line
+	// with its KBS session, which is on the proxy's line; the confirmation's boot id is on both.
+	boot := hex.EncodeToString(p.BootID[:])
+	vlog, _ := os.ReadFile(h.Verifier.LogPath)
+	m := regexp.MustCompile(`event=release outcome=allow vm=m session=(\S+) boot=` + boot).FindSubmatch(vlog)
+	if m == nil {
+		t.Fatalf("no release line with boot %s in the verifier's log:\n%s", boot, vlog)
+	}
+	plog, _ := os.ReadFile(h.Proxy.LogPath)
+	for _, w := range []string{"attestation succeeded, secret forwarded wrapped\" component=svsm-proxy session=" + string(m[1]),
+		"confirmation forwarded\" component=svsm-proxy boot=" + boot} {
+		if !strings.Contains(string(plog), w) {
+			t.Errorf("the proxy's log lacks %q:\n%s", w, plog)
+		}
+	}
+	if !strings.Contains(string(vlog), "event=confirm success=true boot="+boot) {
+		t.Errorf("the verifier's log has no confirmation of boot %s", boot)
+	}
+	for name, url := range h.MetricsURLs() {
+		resp, err := http.Get(url)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		for _, w := range want[name] {
+			if !strings.Contains(string(body), w) {
+				t.Errorf("%s %s lacks %s", name, url, w)
+			}
+		}
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,12 +17,15 @@ import (
 	"net"
 	"net/http"
 	"net/http/cookiejar"
+	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/svsm-e2e/svsm-e2e/internal/crashpoint"
+
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 )
 
@@ -67,6 +71,8 @@ type Proxy struct {
 	sem       chan struct{}
 	Stats     Stats
 	wg        sync.WaitGroup
+	// verifierSeconds times round trips to the verifier (MetricsHandler).
+	verifierSeconds *prometheus.HistogramVec
 }
 
 // New validates options.
@@ -96,7 +102,8 @@ func New(opts Options) (*Proxy, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	return &Proxy{opts: opts, verifiers: verifiers, log: opts.Logger, sem: make(chan struct{}, opts.MaxConns)}, nil
+	return &Proxy{opts: opts, verifiers: verifiers, log: opts.Logger, sem: make(chan struct{}, opts.MaxConns),
+		verifierSeconds: newVerifierSeconds()}, nil
 }
 
 // Serve accepts connections on ln until ctx ends, then waits for open ones to finish (each is
@@ -256,9 +263,12 @@ func (c *conn) attest(ctx context.Context) error {
 		c.refuse()
 		return err
 	}
+	// The KBS session id ties this connection's log lines to the verifier's decisions,
+	// and those to the guest's boot id.
+	session := c.sessionID()
 	resp, err := c.kbsAttestAndFetch(ctx, chal.Nonce, req)
 	if err != nil {
-		p.log.Info("attestation refused", "err", err)
+		p.log.Info("attestation refused", "session", session, "err", err)
 		c.refuse()
 		return c.drain()
 	}
@@ -266,7 +276,7 @@ func (c *conn) attest(ctx context.Context) error {
 		return fmt.Errorf("write attestation response: %w", err)
 	}
 	p.Stats.Attested.Add(1)
-	p.log.Info("attestation succeeded, secret forwarded wrapped")
+	p.log.Info("attestation succeeded, secret forwarded wrapped", "session", session, "verifier", c.verifier)
 	return c.drain()
 }
 
@@ -326,8 +336,22 @@ func (c *conn) confirm(ctx context.Context, req *protocol.ConfirmRequest) error 
 	if err := c.writeAnswer("proxy/confirm/mid-frame", resp); err != nil {
 		return fmt.Errorf("write confirm response: %w", err)
 	}
-	c.p.log.Info("confirmation forwarded", "counter", req.Counter, "answer_bytes", len(resp))
+	c.p.log.Info("confirmation forwarded", "boot", hex.EncodeToString(req.BootID), "counter", req.Counter, "answer_bytes", len(resp), "verifier", c.verifier)
 	return c.drain()
+}
+
+// sessionID is the KBS session cookie the verifier set at auth ("" when none).
+func (c *conn) sessionID() string {
+	u, err := url.Parse(c.verifier + protocol.KBSPathAttest) // the cookie's path is the KBS's
+	if err != nil {
+		return ""
+	}
+	for _, ck := range c.http.Jar.Cookies(u) {
+		if ck.Name == protocol.KBSSessionCookie {
+			return ck.Value
+		}
+	}
+	return ""
 }
 
 func (c *conn) post(ctx context.Context, path string, in, out any) error {
@@ -352,6 +376,10 @@ func (c *conn) get(ctx context.Context, path string, out any) error {
 }
 
 func (c *conn) do(req *http.Request, out any) error {
+	start := time.Now()
+	defer func() {
+		c.p.verifierSeconds.WithLabelValues(kbsRoute(req.URL.Path)).Observe(time.Since(start).Seconds())
+	}()
 	resp, err := c.http.Do(req)
 	if err != nil {
 		return err

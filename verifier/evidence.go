@@ -56,8 +56,9 @@ type kdsGetter struct {
 	mu     sync.Mutex
 	cache  map[string][]byte
 	neg    map[string]kdsFailure
-	// Fetches counts requests actually sent to the KDS (tests and metrics).
-	fetches atomic.Uint64
+	// Fetches counts requests actually sent to the KDS (tests and metrics); hits and
+	// negHits count answers from the cache and from the remembered failures.
+	fetches, hits, negHits atomic.Uint64
 }
 
 type kdsFailure struct {
@@ -109,11 +110,13 @@ func (g *kdsGetter) GetContext(ctx context.Context, url string) ([]byte, error) 
 	g.mu.Lock()
 	if b, ok := g.cache[url]; ok {
 		g.mu.Unlock()
+		g.hits.Add(1)
 		return b, nil
 	}
 	if f, ok := g.neg[url]; ok {
 		if time.Now().Before(f.until) {
 			g.mu.Unlock()
+			g.negHits.Add(1)
 			return nil, f.err
 		}
 		delete(g.neg, url)
@@ -182,8 +185,10 @@ type checker struct {
 // signed by a remembered key gets its own signature checked, and the key's validity period
 // re-checked, but not the chain again. Without CRL checks only (a CRL can change).
 type chainCache struct {
-	mu sync.Mutex
-	m  map[chainKey]chainEntry
+	mu     sync.Mutex
+	m      map[chainKey]chainEntry
+	hits   atomic.Uint64 // reports checked against a remembered chain
+	misses atomic.Uint64 // chains verified in full
 }
 
 // chainKey: the signing-key kind, the report's product line and the certificate's bytes.
@@ -287,11 +292,13 @@ func (c *checker) verifyReport(ctx context.Context, raw, certs []byte) (*spb.Att
 		key = chainKey{signer: info.SigningKey, product: c.productLine(report), der: sha256.Sum256(ek)}
 	}
 	if cert := c.chains.get(key, now); cert != nil && len(ek) > 0 && !c.checkCRL {
+		c.chains.hits.Add(1)
 		if err := verify.SnpReportSignature(raw, cert); err != nil {
 			return nil, refuse("signature", "report signature: %v", err)
 		}
 		return att, nil
 	}
+	c.chains.misses.Add(1)
 	opts := &verify.Options{Getter: c.getter, Now: now, TrustedRoots: c.roots, CheckRevocations: c.checkCRL}
 	if err := verify.SnpAttestationContext(ctx, att, opts); err != nil {
 		var ke *KDSError

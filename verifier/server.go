@@ -35,6 +35,7 @@ import (
 
 	"github.com/svsm-e2e/svsm-e2e/internal/admintoken"
 	"github.com/svsm-e2e/svsm-e2e/internal/crashpoint"
+	"github.com/svsm-e2e/svsm-e2e/internal/daemon"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 )
 
@@ -78,6 +79,7 @@ type Verifier struct {
 	opts       Options
 	log        *slog.Logger
 	store      Store
+	metrics    *metrics
 	check      *checker
 	tokenKey   *ecdsa.PrivateKey
 	adminToken string
@@ -160,6 +162,8 @@ func New(opts Options) (*Verifier, error) {
 	if opts.Instance != "" {
 		v.store = instanceStore{v.store, opts.Instance}
 	}
+	v.metrics = newMetrics(v)
+	v.store = meteredStore{v.store, v.metrics}
 	if v.tokenKey, err = v.loadTokenKey(octx); err != nil {
 		v.store.Close()
 		return nil, err
@@ -217,10 +221,10 @@ func (v *Verifier) loadTokenKey(ctx context.Context) (*ecdsa.PrivateKey, error) 
 // KBSHandler serves the KBS protocol and the confirmation extension.
 func (v *Verifier) KBSHandler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST "+protocol.KBSPathAuth, v.handleAuth)
-	mux.HandleFunc("POST "+protocol.KBSPathAttest, v.handleAttest)
-	mux.HandleFunc("GET "+protocol.KBSPathResource+"{repo}/{type}/{tag}", v.handleResource)
-	mux.HandleFunc("POST "+protocol.KBSPathConfirm, v.handleConfirm)
+	mux.HandleFunc("POST "+protocol.KBSPathAuth, v.metrics.observe("auth", v.handleAuth))
+	mux.HandleFunc("POST "+protocol.KBSPathAttest, v.metrics.observe("attest", v.handleAttest))
+	mux.HandleFunc("GET "+protocol.KBSPathResource+"{repo}/{type}/{tag}", v.metrics.observe("resource", v.handleResource))
+	mux.HandleFunc("POST "+protocol.KBSPathConfirm, v.metrics.observe("confirm", v.handleConfirm))
 	return mux
 }
 
@@ -694,7 +698,7 @@ func (v *Verifier) release(ctx context.Context, vmName, sid string, key protocol
 		// spent, as when an answer is lost after the commit.
 		return nil, nil, fmt.Errorf("release for vm %s: seal the secret: %w", vmName, err)
 	}
-	v.log.Info("decision", "event", "release", "outcome", Allow, "vm", vmName, "session", sid)
+	v.log.Info("decision", "event", "release", "outcome", Allow, "vm", vmName, "session", sid, "boot", hex.EncodeToString(bootID))
 	return out, nil, nil
 }
 
@@ -786,17 +790,7 @@ func (v *Verifier) Confirm(ctx context.Context, req *protocol.ConfirmRequest) (*
 	return resp, nil
 }
 
-// Serve runs h on ln until ctx ends.
+// Serve runs h on ln until ctx ends (daemon.ServeHTTP: bounded requests, graceful stop).
 func Serve(ctx context.Context, ln net.Listener, h http.Handler) error {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 60 * time.Second}
-	go func() {
-		<-ctx.Done()
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(sctx)
-	}()
-	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return err
-	}
-	return nil
+	return daemon.ServeHTTP(ctx, ln, h)
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"time"
 
@@ -21,7 +22,7 @@ import (
 
 func main() {
 	var opts proxy.Options
-	var unixPath, addrFile, logFormat, logLevel, crashAt string
+	var unixPath, addrFile, logFormat, logLevel, crashAt, metricsListen, metricsAddrFile string
 	var vsockPort uint32
 	cmd := &cobra.Command{
 		Use:          "svsm-proxy",
@@ -64,6 +65,15 @@ func main() {
 			for _, ln := range lns {
 				g.Go(func() error { return p.Serve(ctx, ln) })
 			}
+			if metricsListen != "" {
+				mln, err := daemon.Listen(metricsListen, metricsAddrFile)
+				if err != nil {
+					return fmt.Errorf("metrics: %w", err)
+				}
+				mux := http.NewServeMux()
+				mux.Handle("GET /metrics", p.MetricsHandler())
+				g.Go(func() error { return daemon.ServeHTTP(ctx, mln, mux) })
+			}
 			return g.Wait()
 		},
 	}
@@ -77,6 +87,8 @@ func main() {
 	f.BoolVar(&opts.Persistent, "persistent", false, "serve session after session on one connection (serial ports wired to unix sockets)")
 	f.IntVar(&opts.MaxConns, "max-conns", 256, "maximum concurrent guest connections")
 	f.StringVar(&crashAt, "crash-at", "", "fault injection: die at a registered point NAME[#n][:torn] (proxy/...)")
+	f.StringVar(&metricsListen, "metrics-listen", "", "serve Prometheus metrics at http://ADDR/metrics (host:port)")
+	f.StringVar(&metricsAddrFile, "metrics-addr-file", "", "write the bound metrics address here")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	_ = cmd.MarkFlagRequired("verifier-url")
