@@ -50,7 +50,10 @@ type GuestOptions struct {
 
 // GuestRun is what one boot printed and how it ended.
 type GuestRun struct {
-	Events   []protocol.Event
+	Events []protocol.Event
+	// Arrived is when the host read each event (Events[i] at Arrived[i]): the per-phase
+	// timeline of a boot, as the host sees it.
+	Arrived  []time.Time
 	ExitCode int
 	Stdout   string
 	Stderr   string
@@ -130,6 +133,7 @@ func (s *eventStream) feed(r io.Reader, console io.Writer, onEvent func(protocol
 		}
 		if ok && perr == nil {
 			s.run.Events = append(s.run.Events, ev)
+			s.run.Arrived = append(s.run.Arrived, time.Now())
 		}
 		s.notifyLocked()
 		s.mu.Unlock()
@@ -226,6 +230,7 @@ func (s *eventStream) result(ctx context.Context, kill func()) (*GuestRun, error
 	defer s.mu.Unlock()
 	run := s.run
 	run.Events = append([]protocol.Event(nil), s.run.Events...)
+	run.Arrived = append([]time.Time(nil), s.run.Arrived...)
 	if s.waitErr != nil {
 		return &run, s.waitErr
 	}

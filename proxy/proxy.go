@@ -203,8 +203,7 @@ var errIdleClose = errors.New("connection closed between sessions")
 
 func (p *Proxy) serveSession(ctx context.Context, rw net.Conn, first bool) error {
 	jar, _ := cookiejar.New(nil) // one jar per session: sessions never mix
-	c := &conn{p: p, rw: rw, http: &http.Client{Jar: jar, Timeout: p.opts.StepTimeout},
-		verifier: p.verifiers[(p.next.Add(1)-1)%uint64(len(p.verifiers))]}
+	c := &conn{p: p, rw: rw, http: &http.Client{Jar: jar, Timeout: p.opts.StepTimeout}}
 	var body []byte
 	var err error
 	if !p.opts.Persistent {
@@ -229,6 +228,9 @@ func (p *Proxy) serveSession(ctx context.Context, rw net.Conn, first bool) error
 		p.Stats.BadInput.Add(1)
 		return err
 	}
+	// A session that has begun takes the next replica (a connection closed while idle takes
+	// none, so replicas alternate session by session).
+	c.verifier = p.verifiers[(p.next.Add(1)-1)%uint64(len(p.verifiers))]
 	if neg.Version == protocol.VersionConfirm {
 		return c.confirm(ctx, neg.Confirm)
 	}
