@@ -10,7 +10,7 @@ SHARED_QEMU := $(wildcard $(CURDIR)/../shared/tools/qemu-igvm/bin/qemu-system-x8
 SVSM_E2E_QEMU ?= $(SHARED_QEMU)
 export SVSM_E2E_QEMU
 
-.PHONY: all deps build test scenarios images fixtures fuzz bench demo vet clean mutants explore
+.PHONY: all deps build test scenarios images fixtures fuzz bench demo vet clean mutants explore qualify
 
 all: build
 
@@ -33,6 +33,7 @@ vet:
 # then the Ginkgo scenario suite in parallel (also with -race) against the built binaries.
 # The PostgreSQL tests start their own server; here a missing PostgreSQL fails them.
 test scenarios: export SVSM_E2E_REQUIRE_POSTGRES := 1
+test: export SVSM_E2E_REQUIRE_CHROMIUM := 1
 test: deps vet build
 	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /scenarios$$)
 	$(MAKE) --no-print-directory scenarios
@@ -66,6 +67,11 @@ bench: deps build
 
 demo: deps build
 	$(BIN)/svsm-e2e demo --backend $(BACKEND) --workdir $(CURDIR)/demo-work
+
+# Release qualification: the whole suite (LABELS filters) and an exploration, reported in
+# reports/qualify/report.html (self-contained), report.json and junit.xml.
+qualify: deps build
+	$(BIN)/svsm-e2e qualify --out $(CURDIR)/reports/qualify $(if $(LABELS),--labels '$(LABELS)')
 
 # The mutant catalog (ci/mutants): each mutant disables one protection in a temporary worktree
 # of HEAD; the run reports what kills each and fails when one survives (about a minute each).

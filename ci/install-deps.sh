@@ -30,6 +30,7 @@ groups=(
   "qemu-system-x86 xz-utils|the QEMU backend, and unpacking the kernel svsm-e2e images fetches with apt-get download"
   "libglib2.0-0 libslirp0 libfdt1 zlib1g libpcre2-8-0|libraries the IGVM-capable QEMU in ../shared/tools/qemu-igvm links against"
   "postgresql|the verifier's scale-out store: its tests start their own PostgreSQL server from these binaries"
+  "chromium|svsm-e2e qualify's report is checked in headless Chromium, as a person would see it"
 )
 
 updated=""

@@ -155,6 +155,9 @@ func Run(ctx context.Context, o Options, steps []Step) (*Result, error) {
 		return nil, fmt.Errorf("explore: start stack: %w", err)
 	}
 	defer func() {
+		if o.Keep && res.Violation == nil { // a violation collected them already
+			_ = s.CollectArtifacts(context.WithoutCancel(ctx))
+		}
 		_ = s.Close()
 		if res.Violation == nil && !o.Keep {
 			_ = os.RemoveAll(dir)

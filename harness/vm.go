@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/svsm-e2e/svsm-e2e/fakesnp"
@@ -197,9 +198,32 @@ func (v *VM) Start(ctx context.Context, o BootOptions) (*Running, error) {
 		console.Close()
 		return nil, fmt.Errorf("launch image of %s: %w", v.Name, err)
 	}
+	// Each event with the host's time of arrival, for timelines (svsm-e2e qualify).
+	timeline, err := os.Create(filepath.Join(v.Dir, label+".events.jsonl"))
+	if err != nil {
+		console.Close()
+		return nil, err
+	}
+	var tmu sync.Mutex
+	onEvent := func(e protocol.Event) {
+		if line, err := json.Marshal(TimedEvent{Time: time.Now().UTC(), Event: e}); err == nil {
+			tmu.Lock()
+			_, _ = timeline.Write(append(line, '\n'))
+			tmu.Unlock()
+		}
+		if o.OnEvent != nil {
+			o.OnEvent(e)
+		}
+	}
+	closeFiles := func() {
+		console.Close()
+		tmu.Lock()
+		timeline.Close()
+		tmu.Unlock()
+	}
 	g := GuestOptions{HostJSON: v.HostJSON, StateDisk: v.StateDisk, DataDisk: v.DataDisk, RecoveryFile: v.RecoveryFile,
 		Kernel: launched.kernel, Initrd: launched.initrd, Cmdline: launched.cmdline, UEFITemplate: v.Template, Actions: o.Actions,
-		Console: console, Timeout: o.Timeout, OnEvent: o.OnEvent, CrashAfter: o.CrashAfter, CrashAt: o.CrashAt, AttestTimeout: o.AttestTimeout}
+		Console: console, Timeout: o.Timeout, OnEvent: onEvent, CrashAfter: o.CrashAfter, CrashAt: o.CrashAt, AttestTimeout: o.AttestTimeout}
 	if o.NoRecovery {
 		g.RecoveryFile = ""
 	}
@@ -211,13 +235,13 @@ func (v *VM) Start(ctx context.Context, o BootOptions) (*Running, error) {
 	if o.Control {
 		g.ControlSocket = v.stack.Host.RunPath(fmt.Sprintf("ctl-%s-%d", v.Name, v.boots))
 		if ctl, err = listenControl(g.ControlSocket); err != nil {
-			console.Close()
+			closeFiles()
 			return nil, err
 		}
 	}
 	inst, err := v.stack.backend.Start(ctx, v, g)
 	if err != nil {
-		console.Close()
+		closeFiles()
 		if ctl != nil {
 			ctl.close()
 		}
@@ -225,12 +249,19 @@ func (v *VM) Start(ctx context.Context, o BootOptions) (*Running, error) {
 	}
 	go func() {
 		_, _ = inst.Wait(context.WithoutCancel(ctx))
-		console.Close()
+		closeFiles()
 		if ctl != nil {
 			ctl.close()
 		}
 	}()
 	return &Running{Instance: inst, ctl: ctl}, nil
+}
+
+// TimedEvent is a guest event with the host's time of arrival: one line of a boot's
+// NN-boot.events.jsonl in the VM's directory.
+type TimedEvent struct {
+	Time  time.Time      `json:"t"`
+	Event protocol.Event `json:"event"`
 }
 
 // Reboot ends the VM's running boot, if any (Stop), and boots it again with a new boot

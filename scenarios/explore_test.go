@@ -23,12 +23,14 @@ func exploreOptions() explore.Options {
 	Expect(os.MkdirAll(artifactsRoot(), 0o755)).To(Succeed())
 	dir, err := os.MkdirTemp(artifactsRoot(), fmt.Sprintf("explore-p%d-", GinkgoParallelProcess()))
 	Expect(err).NotTo(HaveOccurred())
+	// SVSM_E2E_KEEP=1 (svsm-e2e qualify) keeps each run's bundle, as newStack does.
+	keep := os.Getenv("SVSM_E2E_KEEP") == "1"
 	DeferCleanup(func() {
-		if !CurrentSpecReport().Failed() {
+		if !keep && !CurrentSpecReport().Failed() {
 			_ = os.RemoveAll(dir)
 		}
 	})
-	return explore.Options{Binaries: bins, CADir: suite.CADir, WorkRoot: dir}
+	return explore.Options{Binaries: bins, CADir: suite.CADir, WorkRoot: dir, Keep: keep}
 }
 
 // writeThrough runs a replay's VM in write-through mode.
@@ -49,6 +51,9 @@ func replay(line string, change ...func(*explore.Options)) *explore.Result {
 	res, err := explore.Run(ctx(), o, steps)
 	Expect(err).NotTo(HaveOccurred())
 	AddReportEntry("explore log", strings.Join(res.Log, "\n"))
+	if o.Keep {
+		AddReportEntry("artifacts", res.Dir)
+	}
 	return res
 }
 

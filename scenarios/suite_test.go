@@ -150,13 +150,14 @@ func newStackWithOptions(change func(*harness.StackOptions)) *harness.Stack {
 	AddReportEntry("seed", s.Seed())
 	DeferCleanup(func() {
 		failed := CurrentSpecReport().Failed()
-		if failed {
+		keep := os.Getenv("SVSM_E2E_KEEP") == "1"
+		if failed || keep { // a kept bundle (svsm-e2e qualify) holds the audit too
 			cctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
 			_ = s.CollectArtifacts(cctx)
 			ccancel()
 		}
 		Expect(s.Close()).To(Succeed())
-		if failed || os.Getenv("SVSM_E2E_KEEP") == "1" {
+		if failed || keep {
 			AddReportEntry("artifacts", dir)
 			GinkgoWriter.Printf("artifact bundle: %s\n", dir)
 			return

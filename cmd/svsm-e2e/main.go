@@ -12,7 +12,7 @@ import (
 
 func main() {
 	root := &cobra.Command{Use: "svsm-e2e", Short: "End-to-end harness for COCONUT-SVSM attestation and persistent state", SilenceUsage: true, SilenceErrors: true}
-	root.AddCommand(hostCmd(), demoCmd(), imagesCmd(), measureCmd(), crashPointsCmd(), exploreCmd())
+	root.AddCommand(hostCmd(), demoCmd(), imagesCmd(), measureCmd(), crashPointsCmd(), exploreCmd(), qualifyCmd())
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "svsm-e2e:", err)
 		os.Exit(1)
