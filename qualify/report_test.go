@@ -58,7 +58,9 @@ func fixture(t *testing.T) (dir, ginkgoJSON string) {
 		return types.SpecReport{ContainerHierarchyTexts: []string{"Suite"}, LeafNodeText: text, LeafNodeType: types.NodeTypeIt,
 			LeafNodeLabels: labels, State: state, RunTime: 1500 * time.Millisecond, ReportEntries: entries}
 	}
-	entry := func(name string, v any) types.ReportEntry { return types.ReportEntry{Name: name, Value: types.WrapEntryValue(v)} }
+	entry := func(name string, v any) types.ReportEntry {
+		return types.ReportEntry{Name: name, Value: types.WrapEntryValue(v)}
+	}
 	failed := spec("a spec that failed", []string{"backend:process"}, types.SpecStateFailed)
 	failed.Failure = types.Failure{Message: "expected 1 release, got 2"}
 	rep := []types.Report{{SuiteDescription: "svsm-e2e scenarios", RunTime: 90 * time.Second,
