@@ -64,6 +64,9 @@ bench: deps build
 	$(GO) test -run '^$$' -bench 'BenchmarkBootToUnlocked' -benchtime 3x ./harness
 	$(GO) test -run '^$$' -bench 'BenchmarkCoconutAttest' -benchtime 5x ./harness
 	$(BIN)/svsm-e2e explore --seed 1 --budget 100 --workdir $(CURDIR)/explore-work | tail -2
+	@SVSM_E2E_BIN=$(CURDIR)/$(BIN) GINKGO_NO_COLOR=TRUE $(GO) tool ginkgo -p --label-filter 'backend:process && !slow && !explore' ./scenarios \
+	  | awk '/^Ran [0-9]+ of/ {printf "suite throughput (process specs, 2 ginkgo processes): %d specs in %.1f s = %.1f specs/min\n", $$2, $$7, $$2*60/$$7}'
+
 
 demo: deps build
 	$(BIN)/svsm-e2e demo --backend $(BACKEND) --workdir $(CURDIR)/demo-work
