@@ -376,6 +376,8 @@ func (r *runner) do(ctx context.Context, st Step) (string, *Violation, error) {
 				l.Policy = fakesnp.DefaultPolicy | fakesnp.PolicyDebug
 			case "other-chip":
 				l.Faults.SignWithChip = "chip-other"
+			case "flipped-report":
+				l.Faults.BadSignature = true // a byte of each report changed after signing
 			case "tcb":
 				tcb := fakesnp.DefaultTCB
 				tcb.SnpSpl-- // one security patch level below the registered minimum

@@ -51,8 +51,9 @@ var opDocs = map[string]string{
 }
 
 // relaunchKinds: other image (measurement), debug policy, reports signed by another chip, a
-// platform TCB below the registered minimum, or back to the registered launch.
-var relaunchKinds = []string{"measurement", "debug", "other-chip", "tcb", "original"}
+// platform TCB below the registered minimum, reports altered on their way from the AMD-SP
+// (the host on the report channel), or back to the registered launch.
+var relaunchKinds = []string{"measurement", "debug", "other-chip", "tcb", "flipped-report", "original"}
 
 // cloneOrders: "" races the two instances; after and before order them.
 var cloneOrders = []string{"", "after", "before"}
