@@ -81,7 +81,7 @@ qualify: deps build
 # ONLY=G1,V2 runs some.
 ONLY ?=
 mutants: deps
-	$(GO) run ./ci/mutants $(if $(ONLY),-only $(ONLY)) $(if $(FAST),-fast) -out $(CURDIR)/mutants.json
+	$(GO) run ./ci/mutants $(if $(ONLY),-only $(ONLY)) $(if $(FAST),-fast) $(if $(LOGS),-logs $(abspath $(LOGS))) -out $(CURDIR)/mutants.json
 
 # Long explorations: random host-action sequences against a real stack, checked against the
 # reference model (`make test` runs a bounded one). SEED fixes the sequences (default: fresh,

@@ -38,6 +38,7 @@ func main() {
 	only := flag.String("only", "", "comma-separated mutant ids (default: all)")
 	out := flag.String("out", "mutants.json", "where to write the results")
 	suiteTimeout := flag.Duration("suite-timeout", 6*time.Minute, "bound on one run of the process scenarios")
+	logDir := flag.String("logs", "", "keep each mutant's test and scenario output here (ID-go.log, ID-specs.log)")
 	fast := flag.Bool("fast", false, "stop at the first stage that kills a mutant (unit tests, then scenarios) and let go test reuse cached results of packages the mutant does not touch: the score, not every killer")
 	flag.Parse()
 	root, err := exec.Command("git", "rev-parse", "--show-toplevel").Output()
@@ -82,15 +83,17 @@ func main() {
 			if *fast {
 				args = append(args[:1], args[2:]...) // cached results for untouched packages
 			}
-			tests, _ := run(tree, 15*time.Minute, "go", args...)
+			tests, terr := run(tree, 15*time.Minute, "go", args...)
+			keepLog(*logDir, m.ID+"-go.log", tests, terr)
 			for _, m := range failLine.FindAllStringSubmatch(tests, -1) {
 				r.KilledBy = append(r.KilledBy, "go: "+m[1])
 			}
 			if *fast && len(r.KilledBy) > 0 {
 				goto done
 			}
-			specs, _ := run(tree, *suiteTimeout+time.Minute, "env", "SVSM_E2E_BIN="+filepath.Join(tree, "bin"), "GINKGO_NO_COLOR=TRUE",
+			specs, serr := run(tree, *suiteTimeout+time.Minute, "env", "SVSM_E2E_BIN="+filepath.Join(tree, "bin"), "GINKGO_NO_COLOR=TRUE",
 				"go", "tool", "ginkgo", "-p", "--label-filter", "backend:process", "--timeout", suiteTimeout.String(), "./scenarios")
+			keepLog(*logDir, m.ID+"-specs.log", specs, serr)
 			for _, m := range specLine.FindAllStringSubmatch(specs, -1) {
 				r.KilledBy = append(r.KilledBy, "spec: "+m[1])
 			}
@@ -128,6 +131,15 @@ func main() {
 	if killed != total {
 		os.Exit(1)
 	}
+}
+
+// keepLog writes a stage's output (and how it ended) into dir, when one is given.
+func keepLog(dir, name, out string, err error) {
+	if dir == "" {
+		return
+	}
+	_ = os.MkdirAll(dir, 0o755)
+	_ = os.WriteFile(filepath.Join(dir, name), fmt.Appendf([]byte(out), "\n(exit: %v)\n", err), 0o644)
 }
 
 func run(dir string, bound time.Duration, name string, args ...string) (string, error) {
