@@ -232,31 +232,39 @@ func (j *cookieJar) Cookies(_ *url.URL) []*http.Cookie {
 	return j.cookies
 }
 
-// TestVerifiedChainIsRememberedNotTheReport: after a report of chip0 verified in full (its
-// VCEK chain is then remembered), every later report of that chip still has its own
-// signature checked: a flipped byte, or a report another chip signed, is refused.
+// TestVerifiedChainIsRememberedNotTheReport: a report signed wrong is refused whether its
+// VCEK chain is being verified for the first time (the full check) or was verified before
+// and remembered (then each report's own signature is still checked): a flipped byte, or a
+// report another chip signed, before and after a good report of chip0.
 func TestVerifiedChainIsRememberedNotTheReport(t *testing.T) {
 	h := startHost(t)
 	ctx := context.Background()
+	n := 0
+	refused := func(stage string) {
+		t.Helper()
+		for _, f := range []fakesnp.Faults{{BadSignature: true}, {SignWithChip: "chip9"}} {
+			n++
+			hj, err := h.AddVM(ctx, harness.VMSetup{Name: fmt.Sprintf("bad%d", n), Prime: true, Faults: f})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := guest(ctx, hj); !errors.Is(err, attest.ErrRefused) {
+				t.Fatalf("%s, faults %+v: attestation = %v, want refusal", stage, f, err)
+			}
+			if ev := lastAudit(t, h, ""); ev.Event != "attest" || ev.Outcome != verifier.Deny || !strings.HasPrefix(ev.Reason, "signature:") {
+				t.Fatalf("%s, faults %+v: audit = %+v, want a signature refusal", stage, f, ev)
+			}
+		}
+	}
+	refused("no chain verified yet")
 	good, err := h.AddVM(ctx, harness.VMSetup{Name: "good", Prime: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := guest(ctx, good); err != nil {
-		t.Fatalf("the first report, verified in full: %v", err)
+		t.Fatalf("a good report, verified in full: %v", err)
 	}
-	for _, f := range []fakesnp.Faults{{BadSignature: true}, {SignWithChip: "chip9"}} {
-		hj, err := h.AddVM(ctx, harness.VMSetup{Name: fmt.Sprintf("bad-%v", f.BadSignature), Prime: true, Faults: f})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := guest(ctx, hj); !errors.Is(err, attest.ErrRefused) {
-			t.Fatalf("faults %+v: attestation = %v, want refusal", f, err)
-		}
-		if ev := lastAudit(t, h, ""); ev.Event != "attest" || ev.Outcome != verifier.Deny || !strings.HasPrefix(ev.Reason, "signature:") {
-			t.Fatalf("faults %+v: audit = %+v, want a signature refusal", f, ev)
-		}
-	}
+	refused("chip0's chain remembered")
 	if _, err := h.Admin.Prime(ctx, "good"); err != nil {
 		t.Fatal(err)
 	}
