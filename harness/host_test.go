@@ -303,35 +303,53 @@ func TestMetricsEndpoints(t *testing.T) {
 			`svsm_verifier_decisions_total{event="confirm",outcome="allow",reason=""} 1`, "svsm_verifier_kds_fetches_total 1",
 			"svsm_verifier_chain_verifications_total 1", `svsm_verifier_request_seconds_count{route="attest"} 1`},
 	}
+	// The proxy logs and counts a session after answering the guest, so what follows is
+	// awaited (bounded), not read once.
+	eventually := func(what string, ok func() (bool, string)) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			good, state := ok()
+			if good {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s, after 10 s:\n%s", what, state)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
 	// The logs tie the layers: the boot id the guest holds is on the verifier's release line
 	// with its KBS session, which is on the proxy's line; the confirmation's boot id is on both.
 	boot := hex.EncodeToString(p.BootID[:])
-	vlog, _ := os.ReadFile(h.Verifier.LogPath)
-	m := regexp.MustCompile(`event=release outcome=allow vm=m session=(\S+) boot=` + boot).FindSubmatch(vlog)
-	if m == nil {
-		t.Fatalf("no release line with boot %s in the verifier's log:\n%s", boot, vlog)
-	}
-	plog, _ := os.ReadFile(h.Proxy.LogPath)
-	for _, w := range []string{"attestation succeeded, secret forwarded wrapped\" component=svsm-proxy session=" + string(m[1]),
-		"confirmation forwarded\" component=svsm-proxy boot=" + boot} {
-		if !strings.Contains(string(plog), w) {
-			t.Errorf("the proxy's log lacks %q:\n%s", w, plog)
+	var session string
+	eventually("the verifier's log names the boot and its session", func() (bool, string) {
+		vlog, _ := os.ReadFile(h.Verifier.LogPath)
+		m := regexp.MustCompile(`event=release outcome=allow vm=m session=(\S+) boot=` + boot).FindSubmatch(vlog)
+		if m != nil {
+			session = string(m[1])
 		}
-	}
-	if !strings.Contains(string(vlog), "event=confirm success=true boot="+boot) {
-		t.Errorf("the verifier's log has no confirmation of boot %s", boot)
-	}
+		return m != nil && strings.Contains(string(vlog), "event=confirm success=true boot="+boot), string(vlog)
+	})
+	eventually("the proxy's log names the session and the confirmed boot", func() (bool, string) {
+		plog, _ := os.ReadFile(h.Proxy.LogPath)
+		return strings.Contains(string(plog), "attestation succeeded, secret forwarded wrapped\" component=svsm-proxy session="+session) &&
+			strings.Contains(string(plog), "confirmation forwarded\" component=svsm-proxy boot="+boot), string(plog)
+	})
 	for name, url := range h.MetricsURLs() {
-		resp, err := http.Get(url)
-		if err != nil {
-			t.Fatalf("%s: %v", name, err)
-		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		for _, w := range want[name] {
-			if !strings.Contains(string(body), w) {
-				t.Errorf("%s %s lacks %s", name, url, w)
+		eventually(name+" "+url+" counts the boot", func() (bool, string) {
+			resp, err := http.Get(url)
+			if err != nil {
+				return false, err.Error()
 			}
-		}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			for _, w := range want[name] {
+				if !strings.Contains(string(body), w) {
+					return false, "lacks " + w
+				}
+			}
+			return true, ""
+		})
 	}
 }
