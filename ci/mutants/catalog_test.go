@@ -18,3 +18,13 @@ func TestCatalogApplies(t *testing.T) {
 		}
 	}
 }
+
+// TestFailedOutsideTests: a package that failed without a failing test is named; one whose
+// test failed, or that passed, is not.
+func TestFailedOutsideTests(t *testing.T) {
+	out := "ok  \tm/a\t0.1s\n--- FAIL: TestX (0.1s)\nFAIL\nFAIL\tm/b\t0.2s\nbuild binaries: exit status 1\nFAIL\tm/c\t0.3s\n?   \tm/d\t[no test files]\nFAIL\tm/e [build failed]\n"
+	got := strings.Join(failedOutsideTests(out), ",")
+	if got != "m/c,m/e" {
+		t.Fatalf("failedOutsideTests = %q, want m/c,m/e", got)
+	}
+}

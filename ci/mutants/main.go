@@ -88,6 +88,12 @@ func main() {
 			for _, m := range failLine.FindAllStringSubmatch(tests, -1) {
 				r.KilledBy = append(r.KilledBy, "go: "+m[1])
 			}
+			if pkgs := failedOutsideTests(tests); len(pkgs) > 0 && len(r.KilledBy) == 0 {
+				// A package that failed before or beside its tests (build, TestMain, a
+				// timeout) ran nothing that could kill the mutant: not a verdict.
+				r.Error = "tests did not run in " + strings.Join(pkgs, ", ") + " (see -logs)"
+				goto done
+			}
 			if *fast && len(r.KilledBy) > 0 {
 				goto done
 			}
@@ -131,6 +137,27 @@ func main() {
 	if killed != total {
 		os.Exit(1)
 	}
+}
+
+// failedOutsideTests lists the packages whose go test output ends in FAIL without any test
+// of theirs failing (a build failure, a failing TestMain, a panic outside a test, a timeout).
+func failedOutsideTests(out string) []string {
+	var pkgs []string
+	testFailed := false
+	for _, l := range strings.Split(out, "\n") {
+		switch {
+		case strings.HasPrefix(l, "--- FAIL: "):
+			testFailed = true
+		case strings.HasPrefix(l, "ok  \t"), strings.HasPrefix(l, "?   \t"):
+			testFailed = false
+		case strings.HasPrefix(l, "FAIL\t"):
+			if !testFailed {
+				pkgs = append(pkgs, strings.Fields(l)[1])
+			}
+			testFailed = false
+		}
+	}
+	return pkgs
 }
 
 // keepLog writes a stage's output (and how it ended) into dir, when one is given.
