@@ -86,9 +86,19 @@ func procCPU(pid int) (time.Duration, error) {
 // 1.0 would mean the verifier does nothing but the unavoidable cryptography; the target is
 // 0.7. A CPU profile of each run's verifier is summarised in the log.
 func BenchmarkVerifierCapacity(b *testing.B) {
-	v, w, s := cryptoFloor()
-	floor := v + w + s
-	fmt.Printf("crypto floor per boot on one core: %.2f ms (P-384 verify %.2f + P-521 ECDH-ES %.2f + ES384 sign %.2f)\n", floor*1e3, v*1e3, w*1e3, s*1e3)
+	// The floor is measured three times and the fastest kept: on a shared machine noise only
+	// ever adds time, and the verifier's own crypto runs at the machine's best.
+	floor, worst := 0.0, 0.0
+	var v, w, s float64
+	for range 3 {
+		vi, wi, si := cryptoFloor()
+		if f := vi + wi + si; floor == 0 || f < floor {
+			floor, v, w, s = f, vi, wi, si
+		}
+		worst = max(worst, vi+wi+si)
+	}
+	fmt.Printf("crypto floor per boot on one core: %.2f ms (P-384 verify %.2f + P-521 ECDH-ES %.2f + ES384 sign %.2f; fastest of 3, slowest %.2f ms)\n",
+		floor*1e3, v*1e3, w*1e3, s*1e3, worst*1e3)
 	const clients = 4
 	for _, store := range []string{"bbolt", "postgres"} {
 		for _, procs := range []int{1, 2} {
