@@ -14,8 +14,12 @@ export SVSM_E2E_QEMU
 
 all: build
 
+# What a target needs: the demo needs the stack; tests, benchmarks, mutants and qualification
+# also need PostgreSQL and Chromium (their tests start them).
+SETUP ?= run
+test bench qualify mutants: SETUP = tests
 deps:
-	@BACKEND=$(BACKEND) bash ci/install-deps.sh
+	@BACKEND=$(BACKEND) SVSM_E2E_SETUP=$(SETUP) bash ci/install-deps.sh
 
 # svsm-guest is linked statically (it is also a QEMU guest's /init); the linker's warnings
 # about getaddrinfo/dlopen concern OpenSSL code paths the TPM simulator never calls.

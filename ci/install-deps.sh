@@ -23,15 +23,20 @@ run() {
   fi
 }
 
-# Package groups, each with the reason it is needed.
+# Package groups, each with the reason it is needed. SVSM_E2E_SETUP=tests (make test, bench,
+# qualify, mutants) adds the servers the tests start themselves; make demo does not need them.
 groups=(
   "gcc libc6-dev libssl-dev|cgo, the race detector, and the TPM simulator (links OpenSSL's libcrypto, statically for svsm-guest)"
   "cryptsetup-bin|LUKS2 data disks (the FDE scenarios)"
   "qemu-system-x86 xz-utils|the QEMU backend, and unpacking the kernel svsm-e2e images fetches with apt-get download"
   "libglib2.0-0 libslirp0 libfdt1 zlib1g libpcre2-8-0|libraries the IGVM-capable QEMU in ../shared/tools/qemu-igvm links against"
-  "postgresql|the verifier's scale-out store: its tests start their own PostgreSQL server from these binaries"
-  "chromium|svsm-e2e qualify's report is checked in headless Chromium, as a person would see it"
 )
+if [ "${SVSM_E2E_SETUP:-tests}" = tests ]; then
+  groups+=(
+    "postgresql|the verifier's scale-out store: its tests start their own PostgreSQL server from these binaries"
+    "chromium|svsm-e2e qualify's report is checked in headless Chromium, as a person would see it"
+  )
+fi
 
 updated=""
 for g in "${groups[@]}"; do
