@@ -33,8 +33,8 @@ groups=(
 )
 if [ "${SVSM_E2E_SETUP:-tests}" = tests ]; then
   groups+=(
-    "postgresql|the verifier's scale-out store: its tests start their own PostgreSQL server from these binaries"
-    "chromium|svsm-e2e qualify's report is checked in headless Chromium, as a person would see it"
+    "postgresql|the verifier's scale-out store, whose tests start their own PostgreSQL server from these binaries"
+    "chromium|checking svsm-e2e qualify's report in headless Chromium, as a person would see it"
   )
 fi
 
