@@ -133,7 +133,7 @@ type image struct {
 
 // Run runs steps on a fresh stack and checks each against the model. An error is a failure
 // of the machinery (a process would not start), not a finding.
-func Run(ctx context.Context, o Options, steps []Step) (*Result, error) {
+func Run(ctx context.Context, o Options, steps []Step) (_ *Result, runErr error) {
 	if o.BootTimeout == 0 {
 		o.BootTimeout = 60 * time.Second
 	}
@@ -155,11 +155,17 @@ func Run(ctx context.Context, o Options, steps []Step) (*Result, error) {
 		return nil, fmt.Errorf("explore: start stack: %w", err)
 	}
 	defer func() {
-		if o.Keep && res.Violation == nil { // a violation collected them already
+		// A violation collected its artifacts already; a failure of the machinery keeps the
+		// run's bundle too (it is what tells why).
+		keep := o.Keep || runErr != nil
+		if runErr != nil {
+			runErr = fmt.Errorf("%w (the run's bundle: %s)", runErr, dir)
+		}
+		if keep && res.Violation == nil {
 			_ = s.CollectArtifacts(context.WithoutCancel(ctx))
 		}
 		_ = s.Close()
-		if res.Violation == nil && !o.Keep {
+		if res.Violation == nil && !keep {
 			_ = os.RemoveAll(dir)
 		}
 	}()

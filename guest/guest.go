@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/svsm-e2e/svsm-e2e/firmware"
 	"github.com/svsm-e2e/svsm-e2e/guestos"
 	"github.com/svsm-e2e/svsm-e2e/internal/crashpoint"
@@ -104,11 +106,21 @@ func (e *emitter) Emit(ev protocol.Event) {
 	defer e.mu.Unlock()
 	fmt.Fprintln(e.out, line)
 	if e.crashAfter != "" && crashMatches(e.crashAfter, ev) {
-		if f, ok := e.out.(interface{ Sync() error }); ok {
-			_ = f.Sync()
-		}
+		flush(e.out)
 		powerCut()
 	}
+}
+
+// flush makes sure what was printed has left before a power cut: a sync for a file or pipe,
+// and for a terminal (a VM's serial console) a drain of its output queue (tcdrain), or the
+// cut lands in the middle of the event line that reports it.
+func flush(out io.Writer) {
+	f, ok := out.(*os.File)
+	if !ok {
+		return
+	}
+	_ = f.Sync()
+	_ = unix.IoctlSetInt(int(f.Fd()), unix.TCSBRK, 1) // tcdrain; ENOTTY on a pipe
 }
 
 func crashMatches(spec string, ev protocol.Event) bool {
@@ -131,9 +143,7 @@ func Run(ctx context.Context, cfg Config) (Outcome, error) {
 	em := &emitter{out: cfg.Out, crashAfter: cfg.CrashAfter}
 	crash, err := crashpoint.New(cfg.CrashAt, func() {
 		em.Emit(protocol.Event{Event: "power-cut", Layer: protocol.LayerHost, Fields: map[string]any{"crash_at": cfg.CrashAt}})
-		if f, ok := cfg.Out.(interface{ Sync() error }); ok {
-			_ = f.Sync()
-		}
+		flush(cfg.Out)
 		powerCut()
 	})
 	if err != nil {

@@ -111,6 +111,9 @@ type eventStream struct {
 	out      strings.Builder
 	parseErr error
 	waitErr  error
+	// tornLast is the parse error of the console's last line, forgiven if the boot ended in
+	// a power cut (exit code -1).
+	tornLast error
 }
 
 func newEventStream() *eventStream {
@@ -118,19 +121,23 @@ func newEventStream() *eventStream {
 }
 
 // feed reads console lines from r until EOF, echoing them to console and calling onEvent
-// for each event as it arrives.
+// for each event as it arrives. An event line that does not parse is an error, unless it is
+// the console's last and the boot ended in a power cut (finish), which can end the output in
+// the middle of a line.
 func (s *eventStream) feed(r io.Reader, console io.Writer, onEvent func(protocol.Event)) {
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 64<<10), protocol.MaxEventLine)
+	var torn error // the last line's parse error, if it was the last
 	for sc.Scan() {
 		line := sc.Text()
 		fmt.Fprintln(console, line)
 		ev, ok, perr := protocol.ParseEventLine(line)
 		s.mu.Lock()
 		s.out.WriteString(line + "\n")
-		if perr != nil && s.parseErr == nil {
-			s.parseErr = perr
+		if torn != nil && s.parseErr == nil {
+			s.parseErr = torn // a line followed it: it was not cut by the end
 		}
+		torn = perr
 		if ok && perr == nil {
 			s.run.Events = append(s.run.Events, ev)
 			s.run.Arrived = append(s.run.Arrived, time.Now())
@@ -141,6 +148,9 @@ func (s *eventStream) feed(r io.Reader, console io.Writer, onEvent func(protocol
 			onEvent(ev)
 		}
 	}
+	s.mu.Lock()
+	s.tornLast = torn
+	s.mu.Unlock()
 	if err := sc.Err(); err != nil {
 		s.mu.Lock()
 		if s.parseErr == nil {
@@ -154,6 +164,9 @@ func (s *eventStream) feed(r io.Reader, console io.Writer, onEvent func(protocol
 // finish records how the boot ended and wakes every waiter.
 func (s *eventStream) finish(exitCode int, stderr string, waitErr error) {
 	s.mu.Lock()
+	if s.tornLast != nil && s.parseErr == nil && exitCode >= 0 {
+		s.parseErr = s.tornLast // the guest ended on its own: nothing cut its last line
+	}
 	s.run.Stdout, s.run.Stderr, s.run.ExitCode = s.out.String(), stderr, exitCode
 	s.waitErr = waitErr
 	s.notifyLocked()
