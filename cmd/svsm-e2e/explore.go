@@ -30,8 +30,10 @@ func exploreCmd() *cobra.Command {
 		Short: "Run random sequences of host actions against a real stack and check each step against the reference model",
 		Long: `explore boots a VM on a real stack (fakesnp, svsm-verifier, svsm-proxy, svsm-guest) and plays
 random sequences of host actions (svsm-e2e explore --ops: disk copies, restores, wipes and
-corruption, clones racing on one boot request, service kills, power cuts at registered write
-points, attacks on the freshness confirmation), checking after each step that no state older than the last
+corruption, another VM's disk swapped in, clones on one boot request (racing or in order),
+service kills, power cuts at registered write points, attacks on the attestation and on any
+confirmation, relaunches with another measurement, policy, chip or TCB, or with the reports
+altered), checking after each step that no state older than the last
 confirmed one is accepted, confirmed data is never lost, at most one instance boots per boot
 request, the verifier never releases more keys than boot requests, an honest boot from the last
 good state is never refused, and every refusal carries a layer and a reason. A violation is
