@@ -32,6 +32,7 @@ import (
 
 	"github.com/svsm-e2e/svsm-e2e/internal/admintoken"
 	"github.com/svsm-e2e/svsm-e2e/internal/atomicfile"
+	"github.com/svsm-e2e/svsm-e2e/internal/daemon"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
 )
 
@@ -656,15 +657,5 @@ func httpError(w http.ResponseWriter, status int, err error) {
 
 // ServeHTTP runs the KDS/admin HTTP server on ln until ctx ends.
 func (s *Server) ServeHTTP(ctx context.Context, ln net.Listener) error {
-	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
-	go func() {
-		<-ctx.Done()
-		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(sctx)
-	}()
-	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-		return err
-	}
-	return nil
+	return daemon.ServeHTTP(ctx, ln, s.Handler())
 }

@@ -230,16 +230,12 @@ func StartHost(ctx context.Context, opts HostOptions) (h *Host, err error) {
 
 // launch starts one component and waits, bounded by ReadyTimeout, for each address file
 // it writes once listening. The files are removed first so a stale one is never read.
-func (h *Host) launch(ctx context.Context, name, bin string, args []string, addrFiles ...string) (*Proc, []string, error) {
+func (h *Host) launch(ctx context.Context, name, bin string, args, env []string, addrFiles ...string) (*Proc, []string, error) {
 	for _, f := range addrFiles {
 		if err := os.MkdirAll(filepath.Dir(f), 0o755); err != nil {
 			return nil, nil, fmt.Errorf("%s run dir: %w", name, err)
 		}
 		_ = os.Remove(f)
-	}
-	var env []string
-	if strings.HasPrefix(name, "svsm-verifier") {
-		env = h.opts.VerifierEnv
 	}
 	p, err := StartProcEnv(name, bin, args, env, h.path("logs", name+".log"))
 	if err != nil {
@@ -266,7 +262,7 @@ func (h *Host) startFakeSNP(ctx context.Context) error {
 	}
 	p, addrs, err := h.launch(ctx, "fakesnp", h.opts.Binaries.FakeSNP,
 		append([]string{"serve", "--state-dir", h.path("fakesnp"), "--socket-dir", h.runDir, "--listen", "127.0.0.1:0", "--addr-file", h.path("run", "fakesnp.addr")}, h.seedArgs("fakesnp")...),
-		h.path("run", "fakesnp.addr"))
+		nil, h.path("run", "fakesnp.addr"))
 	h.FakeSNP = p
 	if err != nil {
 		return err
@@ -307,7 +303,7 @@ func (h *Host) StartVerifier(ctx context.Context) error {
 	if h.verifierCrash != "" {
 		args = append(args, "--crash-at", h.verifierCrash)
 	}
-	p, addrs, err := h.launch(ctx, "svsm-verifier", h.opts.Binaries.Verifier, args, addrFile, adminFile)
+	p, addrs, err := h.launch(ctx, "svsm-verifier", h.opts.Binaries.Verifier, args, h.opts.VerifierEnv, addrFile, adminFile)
 	if p != nil {
 		h.Verifier = p
 	}
@@ -349,7 +345,7 @@ func (h *Host) startReplica(ctx context.Context, i int) error {
 	args = append(args, h.opts.VerifierArgs...)
 	args = append(args, h.seedArgs(fmt.Sprintf("verifier-%d", i))...)
 	args = append(args, h.databaseArgs(i)...)
-	p, addrs, err := h.launch(ctx, name, h.opts.Binaries.Verifier, args, addrFile, adminFile)
+	p, addrs, err := h.launch(ctx, name, h.opts.Binaries.Verifier, args, h.opts.VerifierEnv, addrFile, adminFile)
 	if p != nil {
 		h.Replicas = append(h.Replicas, p)
 	}
@@ -401,7 +397,7 @@ func (h *Host) startProxy(ctx context.Context) error {
 	p, addrs, err := h.launch(ctx, "svsm-proxy", h.opts.Binaries.Proxy,
 		append([]string{"--listen-unix", h.ProxySocket, "--addr-file", addrFile, "--verifier-url", verifierURL, "--step-timeout", "30s", "--persistent",
 			"--metrics-listen", listen, "--metrics-addr-file", metricsFile},
-			crashArgs(h.proxyCrash)...), addrFile, metricsFile)
+			crashArgs(h.proxyCrash)...), nil, addrFile, metricsFile)
 	h.Proxy = p
 	if err == nil {
 		h.ProxyMetricsURL = "http://" + addrs[1] + "/metrics"
