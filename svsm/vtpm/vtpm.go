@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"sync"
 
 	"github.com/google/go-tpm-tools/client"
@@ -36,7 +37,50 @@ func Manufacture() (*TPM, error) {
 	if err != nil {
 		return nil, fmt.Errorf("vtpm manufacture: %w", err)
 	}
+	if err := allocateUpstreamBanks(sim); err != nil {
+		_ = sim.Close()
+		return nil, fmt.Errorf("vtpm manufacture: %w", err)
+	}
 	return &TPM{sim: sim}, nil
+}
+
+// ActiveBanks are the PCR banks a newly manufactured vTPM has active, as in upstream
+// COCONUT-SVSM's vTPM: its TPM profile implements SHA-1, SHA-256 and SHA-384 and no SHA-512
+// (libtcgtpm/deps/TpmConfiguration/TpmConfiguration/TpmProfile_Common.h), and the TCG
+// reference TPM it builds activates only SHA-256 and SHA-384 at manufacture
+// (TrustedComputingGroup/TPM TPMCmd/Platform/src/PlatformPcr.c, DefaultActivePcrBanks).
+// go-tpm-tools' older reference TPM activates every implemented bank (SHA-1, SHA-256,
+// SHA-384, SHA-512), which would make firmware measure twice as many banks as the real one.
+var ActiveBanks = []tpm2.Algorithm{tpm2.AlgSHA256, tpm2.AlgSHA384}
+
+// allocateUpstreamBanks sets the PCR allocation to ActiveBanks (every PCR) with the other
+// banks empty, and restarts the TPM so that it takes effect (TPM2_PCR_Allocate applies at
+// the next _TPM_Init). The allocation lives in NV, so restored TPMs keep it.
+func allocateUpstreamBanks(sim io.ReadWriter) error {
+	all := make([]int, 24)
+	for i := range all {
+		all[i] = i
+	}
+	var sel []tpm2.PCRSelection
+	for _, alg := range []tpm2.Algorithm{tpm2.AlgSHA1, tpm2.AlgSHA256, tpm2.AlgSHA384, tpm2.AlgSHA512} {
+		s := tpm2.PCRSelection{Hash: alg}
+		if slices.Contains(ActiveBanks, alg) {
+			s.PCRs = all
+		}
+		sel = append(sel, s)
+	}
+	auth := tpm2.AuthCommand{Session: tpm2.HandlePasswordSession, Attributes: tpm2.AttrContinueSession}
+	if err := tpm2.PCRAllocate(sim, tpm2.HandlePlatform, auth, sel); err != nil {
+		return fmt.Errorf("allocate PCR banks: %w", err)
+	}
+	if err := tpm2.Shutdown(sim, tpm2.StartupClear); err != nil {
+		return fmt.Errorf("shutdown after PCR allocation: %w", err)
+	}
+	platReset()
+	if err := tpm2.Startup(sim, tpm2.StartupClear); err != nil {
+		return fmt.Errorf("startup after PCR allocation: %w", err)
+	}
+	return nil
 }
 
 // Restore starts a TPM from an NV image saved by Checkpoint or Shutdown: seeds, hierarchies,

@@ -3,6 +3,8 @@ package vtpm
 import (
 	"debug/elf"
 	"errors"
+	"io"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -201,5 +203,46 @@ func TestNVIndexLayout(t *testing.T) {
 	}
 	if img[ref+nvIndexFieldsEnd] != 0 || img[ref+nvIndexFieldsEnd+1] != 0 {
 		t.Fatal("the saved image carries stack garbage in NV_INDEX's padding")
+	}
+}
+
+// TestPCRBanksAsUpstream pins the PCR allocation of a new vTPM to upstream COCONUT-SVSM's:
+// SHA-256 and SHA-384 active, SHA-1 (implemented there, inactive) and SHA-512 (not
+// implemented there) without PCRs; sources in ActiveBanks. The allocation is in NV, so a
+// restored TPM has it too.
+func TestPCRBanksAsUpstream(t *testing.T) {
+	active := func(rw io.ReadWriter) map[tpm2.Algorithm]int {
+		t.Helper()
+		caps, _, err := tpm2.GetCapability(rw, tpm2.CapabilityPCRs, 16, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[tpm2.Algorithm]int{}
+		for _, c := range caps {
+			sel := c.(tpm2.PCRSelection)
+			out[sel.Hash] = len(sel.PCRs)
+		}
+		return out
+	}
+	want := map[tpm2.Algorithm]int{tpm2.AlgSHA1: 0, tpm2.AlgSHA256: 24, tpm2.AlgSHA384: 24, tpm2.AlgSHA512: 0}
+	tpm, err := Manufacture()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(tpm.Close)
+	if got := active(tpm.Transport()); !maps.Equal(got, want) {
+		t.Fatalf("manufactured vTPM banks (alg → PCRs) = %v, want %v", got, want)
+	}
+	nv, err := tpm.Shutdown()
+	if err != nil {
+		t.Fatal(err)
+	}
+	restored, err := Restore(nv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(restored.Close)
+	if got := active(restored.Transport()); !maps.Equal(got, want) {
+		t.Fatalf("restored vTPM banks = %v, want %v", got, want)
 	}
 }
