@@ -1,10 +1,12 @@
 package firmware
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -46,6 +48,19 @@ func boot() Boot {
 }
 
 func TestEventLogReplaysAgainstPCRs(t *testing.T) {
+	for _, large := range []bool{false, true} {
+		t.Run(fmt.Sprintf("large-kernel=%v", large), func(t *testing.T) { testEventLogReplays(t, large) })
+	}
+}
+
+// largeBoot has a kernel big enough for digestsOf to hash its banks concurrently.
+func largeBoot() Boot {
+	b := boot()
+	b.Kernel.Data = bytes.Repeat([]byte("kernel image "), 2*parallelHashMin/13)
+	return b
+}
+
+func testEventLogReplays(t *testing.T, large bool) {
 	tpm, err := vtpm.Manufacture()
 	if err != nil {
 		t.Fatal(err)
@@ -54,7 +69,11 @@ func TestEventLogReplaysAgainstPCRs(t *testing.T) {
 	rw := tpm.Transport()
 	tmpl, _ := template(t)
 	vars := storeVars{uefivars.New()}
-	res, err := Run(context.Background(), rw, vars, tmpl, boot())
+	b := boot()
+	if large {
+		b = largeBoot()
+	}
+	res, err := Run(context.Background(), rw, vars, tmpl, b)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -131,33 +150,93 @@ func TestPCRsFollowWhatIsBooted(t *testing.T) {
 	}
 }
 
+// TestDBXRevokesComponent: dbx refuses a listed kernel or initrd, small or large (hashed
+// concurrently), with the SHA-256 bank active (its digest reused) or not (hashed besides).
 func TestDBXRevokesComponent(t *testing.T) {
-	tpm, err := vtpm.Manufacture()
+	for _, tc := range []struct {
+		name      string
+		boot      Boot
+		revoke    string
+		sha256Off bool
+	}{
+		{"kernel", boot(), "kernel", false},
+		{"initrd", boot(), "initrd", false},
+		{"large-kernel", largeBoot(), "kernel", false},
+		{"kernel-sha256-bank-inactive", boot(), "kernel", true},
+		{"large-initrd-sha256-bank-inactive", func() Boot {
+			b := largeBoot()
+			b.Kernel, b.Initrd = *b.Initrd, &b.Kernel
+			b.Kernel.Name, b.Initrd.Name = "kernel", "initrd"
+			return b
+		}(), "initrd", true},
+		{"none", boot(), "", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tpm, err := vtpm.Manufacture()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.sha256Off {
+				tpm = withoutSHA256Bank(t, tpm)
+			}
+			defer tpm.Close()
+			tmpl, pk := template(t)
+			vars := storeVars{uefivars.New()}
+			for _, u := range tmpl {
+				if err := vars.Apply(u); err != nil {
+					t.Fatal(err)
+				}
+			}
+			revoked := []byte("something else")
+			switch tc.revoke {
+			case "kernel":
+				revoked = tc.boot.Kernel.Data
+			case "initrd":
+				revoked = tc.boot.Initrd.Data
+			}
+			h := sha256.Sum256(revoked)
+			u, err := uefivars.SignedUpdate(uefivars.ImageSecurityDatabase, "dbx",
+				[]uefivars.Signature{{Type: uefivars.CertSHA256, Owner: owner, Data: h[:]}}, time.Date(2026, 2, 1, 0, 0, 0, 0, time.UTC), true, pk)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := vars.Apply(u); err != nil {
+				t.Fatal(err)
+			}
+			_, err = Run(context.Background(), tpm.Transport(), vars, nil, tc.boot)
+			var sbErr *ErrSecureBoot
+			switch {
+			case tc.revoke == "" && err != nil:
+				t.Fatalf("boot with nothing revoked: %v", err)
+			case tc.revoke != "" && (!errors.As(err, &sbErr) || sbErr.Component != tc.revoke || sbErr.Hash != fmt.Sprintf("%x", h)):
+				t.Fatalf("revoked %s booted: %v", tc.revoke, err)
+			}
+		})
+	}
+}
+
+// withoutSHA256Bank restarts tpm with its SHA-256 bank deallocated (SHA-384 only).
+func withoutSHA256Bank(t *testing.T, tpm *vtpm.TPM) *vtpm.TPM {
+	t.Helper()
+	all := []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23}
+	auth := tpm2.AuthCommand{Session: tpm2.HandlePasswordSession, Attributes: tpm2.AttrContinueSession}
+	if err := tpm2.PCRAllocate(tpm.Transport(), tpm2.HandlePlatform, auth, []tpm2.PCRSelection{{Hash: tpm2.AlgSHA256}, {Hash: tpm2.AlgSHA384, PCRs: all}}); err != nil {
+		t.Fatal(err)
+	}
+	nv, err := tpm.Shutdown()
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer tpm.Close()
-	tmpl, pk := template(t)
-	vars := storeVars{uefivars.New()}
-	for _, u := range tmpl {
-		if err := vars.Apply(u); err != nil {
-			t.Fatal(err)
-		}
-	}
-	h := sha256.Sum256(boot().Kernel.Data)
-	u, err := uefivars.SignedUpdate(uefivars.ImageSecurityDatabase, "dbx",
-		[]uefivars.Signature{{Type: uefivars.CertSHA256, Owner: owner, Data: h[:]}}, time.Date(2026, 2, 1, 0, 0, 0, 0, time.UTC), true, pk)
+	restored, err := vtpm.Restore(nv)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := vars.Apply(u); err != nil {
-		t.Fatal(err)
+	banks, err := allocatedBanks(restored.Transport())
+	if err != nil || len(banks) != 1 || banks[0].Hash != crypto.SHA384 {
+		restored.Close()
+		t.Fatalf("banks after deallocating SHA-256: %v, %v", banks, err)
 	}
-	_, err = Run(context.Background(), tpm.Transport(), vars, nil, boot())
-	var sbErr *ErrSecureBoot
-	if !errors.As(err, &sbErr) || sbErr.Component != "kernel" {
-		t.Fatalf("revoked kernel booted: %v", err)
-	}
+	return restored
 }
 
 func TestPredictPCRsMatchesABoot(t *testing.T) {
