@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strconv"
 
 	"github.com/google/go-tpm-tools/client"
 	pb "github.com/google/go-tpm-tools/proto/tpm"
@@ -95,7 +96,7 @@ func (f *FDE) Unlock(ctx context.Context) (string, error) {
 	}
 	pass, uerr := f.unseal(tok)
 	if uerr == nil {
-		if err := f.unlockWith(ctx, pass); err != nil {
+		if err := f.unlockWith(ctx, tokenSlot(tok), pass); err != nil {
 			return "", fmt.Errorf("TPM passphrase unsealed but LUKS refused it: %w", err)
 		}
 		f.unlockedWith = pass
@@ -106,7 +107,7 @@ func (f *FDE) Unlock(ctx context.Context) (string, error) {
 	if f.Recovery == nil {
 		return "", fmt.Errorf("%w: unseal failed (%v) and no recovery passphrase was given", ErrLocked, uerr)
 	}
-	if err := f.unlockWith(ctx, f.Recovery); err != nil {
+	if err := f.unlockWith(ctx, AnySlot, f.Recovery); err != nil {
 		return "", fmt.Errorf("%w: recovery passphrase refused: %v", ErrLocked, err)
 	}
 	f.unlockedWith = f.Recovery
@@ -114,11 +115,21 @@ func (f *FDE) Unlock(ctx context.Context) (string, error) {
 	return MethodRecovery, nil
 }
 
-func (f *FDE) unlockWith(ctx context.Context, pass []byte) error {
+func (f *FDE) unlockWith(ctx context.Context, slot int, pass []byte) error {
 	if f.Open {
-		return f.Cryptsetup.Open(ctx, f.Device, f.MapperName, pass)
+		return f.Cryptsetup.Open(ctx, f.Device, f.MapperName, slot, pass)
 	}
-	return f.Cryptsetup.TestPassphrase(ctx, f.Device, pass)
+	return f.Cryptsetup.TestPassphrase(ctx, f.Device, slot, pass)
+}
+
+// tokenSlot is the keyslot the token's passphrase opens, or AnySlot when the token names
+// none that parses (its passphrase is then tried against every keyslot).
+func tokenSlot(t *Token) int {
+	n, err := strconv.Atoi(t.Keyslots[0])
+	if err != nil || n < 0 {
+		return AnySlot
+	}
+	return n
 }
 
 func findToken(md *Metadata) (*Token, error) {

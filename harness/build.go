@@ -27,7 +27,7 @@ func BuildBinaries(ctx context.Context, root, dir string) (Binaries, error) {
 		return Binaries{}, err
 	}
 	if err := build([]string{"CGO_ENABLED=1"}, "-tags", "netgo,osusergo",
-		"-ldflags", "-linkmode external -extldflags '-static -Wl,--no-warnings'",
+		"-ldflags", "-w -linkmode external -extldflags '-static -Wl,--no-warnings'", // as the Makefile's GUEST_LDFLAGS
 		"-o", filepath.Join(dir, "svsm-guest"), "./cmd/svsm-guest"); err != nil {
 		return Binaries{}, err
 	}
