@@ -13,6 +13,7 @@ import (
 	"io"
 	"slices"
 	"sync"
+	"unsafe"
 
 	"github.com/google/go-tpm/legacy/tpm2"
 	"github.com/google/go-tpm/tpmutil"
@@ -43,6 +44,52 @@ type Variables interface {
 type Component struct {
 	Name string // "kernel" or "initrd"
 	Data []byte
+	// Hashed, when set, is Data's hashing started earlier (Prehash): the firmware takes the
+	// digests it holds and computes any other itself.
+	Hashed *Prehashed
+}
+
+// Prehashed is a component's digests being computed in the background.
+type Prehashed struct {
+	data []byte
+	sums map[crypto.Hash]*prehash
+}
+
+type prehash struct {
+	done chan struct{}
+	sum  []byte
+}
+
+// Prehash starts hashing data in each of hashes, concurrently, in the background, so that a
+// guest can hash its kernel while the SVSM attests and measure it without waiting. data
+// must not change afterwards.
+func Prehash(data []byte, hashes ...crypto.Hash) *Prehashed {
+	p := &Prehashed{data: data, sums: map[crypto.Hash]*prehash{}}
+	for _, h := range hashes {
+		if _, dup := p.sums[h]; dup || !h.Available() {
+			continue
+		}
+		r := &prehash{done: make(chan struct{})}
+		p.sums[h] = r
+		go func() {
+			defer close(r.done)
+			d := h.New()
+			d.Write(data)
+			r.sum = d.Sum(nil)
+		}()
+	}
+	return p
+}
+
+// sum is the digest of the data in h: the background one (waited for) if it was started,
+// else computed now; ok is false when it was not started.
+func (p *Prehashed) sum(h crypto.Hash) (sum []byte, ok bool) {
+	r, ok := p.sums[h]
+	if !ok {
+		return nil, false
+	}
+	<-r.done
+	return r.sum, true
 }
 
 // Boot is what the firmware boots.
@@ -164,7 +211,7 @@ func Run(_ context.Context, tpm io.ReadWriter, vars Variables, template []uefiva
 	}
 	digests := make([][][]byte, len(comps))
 	for i, c := range comps {
-		digests[i] = digestsOf(hashes, c.Data)
+		digests[i] = componentDigests(hashes, c)
 	}
 	if sb {
 		sha := make([][]byte, len(comps))
@@ -219,6 +266,30 @@ func checkDBX(vars Variables, comps []Component, sha256s [][]byte) error {
 // goroutine per bank; a VM with more than one vCPU then hashes its kernel in a fraction of
 // the time).
 const parallelHashMin = 1 << 20
+
+// componentDigests returns c's digest in each bank's hash, in bank order: the prehashed ones
+// where there are, the others computed now.
+func componentDigests(banks []Bank, c Component) [][]byte {
+	// Prehashed digests count only for the very bytes they were started on (the same
+	// slice; comparing contents would cost as much as hashing them).
+	if c.Hashed == nil || len(c.Hashed.data) != len(c.Data) || unsafe.SliceData(c.Hashed.data) != unsafe.SliceData(c.Data) {
+		return digestsOf(banks, c.Data)
+	}
+	out := make([][]byte, len(banks))
+	var missing []Bank
+	var at []int
+	for i, b := range banks {
+		if sum, ok := c.Hashed.sum(b.Hash); ok {
+			out[i] = sum
+		} else {
+			missing, at = append(missing, b), append(at, i)
+		}
+	}
+	for j, d := range digestsOf(missing, c.Data) {
+		out[at[j]] = d
+	}
+	return out
+}
 
 // digestsOf returns data's digest in each bank's hash, in bank order.
 func digestsOf(banks []Bank, data []byte) [][]byte {

@@ -257,3 +257,60 @@ func TestPredictPCRsMatchesABoot(t *testing.T) {
 		}
 	}
 }
+
+// TestPrehashedComponents: digests hashed ahead (Prehash) give the PCRs and the event log
+// a plain boot gives, whichever banks were hashed ahead; a Prehashed started on other bytes
+// than the component's is not used (the firmware measures what boots).
+func TestPrehashedComponents(t *testing.T) {
+	plain := func() (*Result, Boot) {
+		t.Helper()
+		tpm, err := vtpm.Manufacture()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tpm.Close()
+		b := largeBoot()
+		res, err := Run(context.Background(), tpm.Transport(), storeVars{uefivars.New()}, nil, b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res, b
+	}
+	want, wb := plain()
+	other := bytes.Repeat([]byte("another kernel"), 1000)
+	for _, tc := range []struct {
+		name   string
+		hashed func(kernel []byte) *Prehashed
+	}{
+		{"both-banks", func(k []byte) *Prehashed { return Prehash(k, crypto.SHA256, crypto.SHA384) }},
+		{"sha256-only", func(k []byte) *Prehashed { return Prehash(k, crypto.SHA256) }},
+		{"other-hashes", func(k []byte) *Prehashed { return Prehash(k, crypto.SHA1, crypto.SHA512) }},
+		{"other-bytes", func([]byte) *Prehashed { return Prehash(other, crypto.SHA256, crypto.SHA384) }},
+		{"equal-copy", func(k []byte) *Prehashed { return Prehash(bytes.Clone(k), crypto.SHA256, crypto.SHA384) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tpm, err := vtpm.Manufacture()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer tpm.Close()
+			b := largeBoot()
+			b.Kernel.Hashed = tc.hashed(b.Kernel.Data)
+			res, err := Run(context.Background(), tpm.Transport(), storeVars{uefivars.New()}, nil, b)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(res.Log, want.Log) {
+				t.Error("event log differs from a boot without prehashing")
+			}
+			for pcr, v := range want.PCRs {
+				if !bytes.Equal(res.PCRs[pcr], v) {
+					t.Errorf("PCR %d = %x, want %x", pcr, res.PCRs[pcr], v)
+				}
+			}
+			if pred := PredictPCRs(wb.Kernel.Data, nil, nil); !bytes.Equal(res.PCRs[PCRBootApp], pred[PCRBootApp]) {
+				t.Errorf("PCR 4 = %x, the kernel that booted predicts %x", res.PCRs[PCRBootApp], pred[PCRBootApp])
+			}
+		})
+	}
+}

@@ -6,6 +6,7 @@ package guest
 import (
 	"bufio"
 	"context"
+	"crypto"
 	"errors"
 	"fmt"
 	"io"
@@ -25,6 +26,7 @@ import (
 	"github.com/svsm-e2e/svsm-e2e/svsm"
 	"github.com/svsm-e2e/svsm-e2e/svsm/attest"
 	"github.com/svsm-e2e/svsm-e2e/svsm/uefivars"
+	"github.com/svsm-e2e/svsm-e2e/svsm/vtpm"
 )
 
 // Config describes one boot.
@@ -61,6 +63,54 @@ type Config struct {
 	// the first event that matches "EVENT" or "EVENT=WHY" (matching the "why" or "action"
 	// field), the process kills itself with SIGKILL, as a power cut would.
 	CrashAfter string
+	// Components, when set, are the boot components loaded (and being hashed) before Run,
+	// by LoadComponents with this Config's Kernel and Initrd.
+	Components *Components
+}
+
+// Components are the kernel and initrd the firmware will measure, read once and hashed in
+// the background from the moment they are loaded: hashing a kernel is the costliest step of
+// measured boot (a second or more under emulation), and it then overlaps the SVSM's
+// attestation and, in a VM, the loading of drivers.
+type Components struct {
+	kernel, initrd *firmware.Component
+	err            error
+}
+
+// LoadComponents reads cfg's kernel (default: this executable) and initrd and starts hashing
+// them in the banks a new vTPM activates. A read error is kept and reported when the firmware
+// runs, where it was always reported.
+func LoadComponents(cfg *Config) *Components {
+	c := &Components{}
+	kernel := cfg.Kernel
+	if kernel == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			c.err = fmt.Errorf("kernel: %w", err)
+			return c
+		}
+		kernel = exe
+	}
+	var hashes []crypto.Hash
+	for _, alg := range vtpm.ActiveBanks {
+		if h, err := alg.Hash(); err == nil {
+			hashes = append(hashes, h)
+		}
+	}
+	load := func(name, path string) (*firmware.Component, error) {
+		d, err := readBounded(path)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+		return &firmware.Component{Name: name, Data: d, Hashed: firmware.Prehash(d, hashes...)}, nil
+	}
+	if c.kernel, c.err = load("kernel", kernel); c.err != nil {
+		return c
+	}
+	if cfg.Initrd != "" {
+		c.initrd, c.err = load("initrd", cfg.Initrd)
+	}
+	return c
 }
 
 // Outcome is how a successful boot ended.
@@ -173,6 +223,9 @@ func run(ctx context.Context, cfg Config, em *emitter, crash *crashpoint.Injecto
 	timeout := cfg.AttestTimeout
 	if timeout == 0 {
 		timeout = 60 * time.Second
+	}
+	if cfg.Components == nil {
+		cfg.Components = LoadComponents(&cfg)
 	}
 	em.Emit(protocol.Event{Event: "boot-start", Layer: protocol.LayerSVSM, Fields: map[string]any{"state_disk": cfg.StateDisk}})
 
@@ -311,27 +364,15 @@ func run(ctx context.Context, cfg Config, em *emitter, crash *crashpoint.Injecto
 }
 
 func (cfg *Config) bootComponents(launch []byte) (firmware.Boot, error) {
-	kernel := cfg.Kernel
-	if kernel == "" {
-		exe, err := os.Executable()
-		if err != nil {
-			return firmware.Boot{}, err
-		}
-		kernel = exe
+	c := cfg.Components
+	if c == nil {
+		c = LoadComponents(cfg)
 	}
 	b := firmware.Boot{LaunchDigest: launch, Cmdline: cfg.Cmdline}
-	k, err := readBounded(kernel)
-	if err != nil {
-		return b, fmt.Errorf("kernel: %w", err)
+	if c.err != nil {
+		return b, c.err
 	}
-	b.Kernel = firmware.Component{Name: "kernel", Data: k}
-	if cfg.Initrd != "" {
-		d, err := readBounded(cfg.Initrd)
-		if err != nil {
-			return b, fmt.Errorf("initrd: %w", err)
-		}
-		b.Initrd = &firmware.Component{Name: "initrd", Data: d}
-	}
+	b.Kernel, b.Initrd = *c.kernel, c.initrd
 	return b, nil
 }
 

@@ -41,6 +41,9 @@ func RunInit() {
 	select {} // PID 1 must not exit
 }
 
+// initKernel is what a VM's firmware measures as its kernel: this /init.
+const initKernel = "/init"
+
 func initAndRun(out io.Writer) error {
 	for _, m := range []struct{ src, dst, fstype string }{
 		{"devtmpfs", "/dev", "devtmpfs"}, {"proc", "/proc", "proc"}, {"sysfs", "/sys", "sysfs"},
@@ -51,6 +54,9 @@ func initAndRun(out io.Writer) error {
 		}
 	}
 	os.Setenv("PATH", "/usr/sbin:/usr/bin:/sbin:/bin") // before any os/exec (cryptsetup)
+	// The firmware measures /init as the kernel: its hashing starts now, beside the drivers'
+	// loading and the attestation.
+	comps := LoadComponents(&Config{Kernel: initKernel})
 	if err := loadModules(); err != nil {
 		return err
 	}
@@ -79,7 +85,7 @@ func initAndRun(out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	cfg := Config{StateDisk: state, Out: out, Kernel: "/init", OpenLUKS: true, CrashAfter: bc.CrashAfter, CrashAt: bc.CrashAt,
+	cfg := Config{StateDisk: state, Out: out, Kernel: initKernel, Components: comps, OpenLUKS: true, CrashAfter: bc.CrashAfter, CrashAt: bc.CrashAt,
 		RecoveryPassphrase: bc.Recovery, AttestTimeout: time.Duration(bc.AttestMillis) * time.Millisecond}
 	if b, err := os.ReadFile("/proc/cmdline"); err == nil {
 		cfg.Cmdline = strings.TrimSpace(string(b))
