@@ -1,0 +1,147 @@
+package guestos
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"testing"
+)
+
+// luksImage formats a small LUKS2 image with cryptsetup (as the harness formats data disks),
+// adds a second keyslot and a token; it skips without cryptsetup.
+func luksImage(t *testing.T) (string, Cryptsetup) {
+	t.Helper()
+	if _, err := exec.LookPath("cryptsetup"); err != nil {
+		t.Skip("cryptsetup not installed (Debian package cryptsetup-bin; make test installs it)")
+	}
+	path := filepath.Join(t.TempDir(), "luks.img")
+	if err := os.WriteFile(path, make([]byte, 20<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("cryptsetup", "luksFormat", "--type", "luks2", "--batch-mode", "--key-file=-", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", path)
+	cmd.Stdin = bytes.NewReader([]byte("recovery"))
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("luksFormat: %v\n%s", err, out)
+	}
+	var c Cryptsetup
+	ctx := context.Background()
+	if _, err := c.AddKey(ctx, path, []byte("recovery"), []byte("tpm")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.ImportToken(ctx, path, tokenID, []byte(`{"type":"svsm-e2e-tpm2","keyslots":["1"],"svsm-e2e-pcrs":[4,7],"svsm-e2e-pcr-bank":"sha256","svsm-e2e-sealed":"AAEC"}`)); err != nil {
+		t.Fatal(err)
+	}
+	return path, c
+}
+
+// sameMetadata compares two readings by meaning (cryptsetup pretty-prints).
+func sameMetadata(t *testing.T, got, want *Metadata) {
+	t.Helper()
+	norm := func(m *Metadata) map[string]any {
+		b, err := json.Marshal(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var v map[string]any
+		if err := json.Unmarshal(b, &v); err != nil {
+			t.Fatal(err)
+		}
+		return v
+	}
+	if g, w := norm(got), norm(want); !reflect.DeepEqual(g, w) {
+		t.Fatalf("ReadMetadata = %v\ncryptsetup luksDump = %v", g, w)
+	}
+}
+
+func readMetadataFile(t *testing.T, path string) (*Metadata, error) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	return ReadMetadata(f)
+}
+
+// TestReadMetadataAgreesWithCryptsetup: the Go reader picks the header copy cryptsetup's
+// luksDump picks: both current; the primary damaged; a stale but valid copy on either side
+// (the higher sequence number wins); both damaged (an error, as cryptsetup).
+func TestReadMetadataAgreesWithCryptsetup(t *testing.T) {
+	path, c := luksImage(t)
+	ctx := context.Background()
+	const hdr = 16 << 10 // cryptsetup's default LUKS2 header size
+	orig, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A copy of both headers before a change: valid, one sequence number lower.
+	stale := bytes.Clone(orig[:2*hdr])
+	if err := c.ImportToken(ctx, path, tokenID, []byte(`{"type":"svsm-e2e-tpm2","keyslots":["1"],"svsm-e2e-pcrs":[4,7,8,9],"svsm-e2e-pcr-bank":"sha256","svsm-e2e-sealed":"AwQF"}`)); err != nil {
+		t.Fatal(err)
+	}
+	current, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name   string
+		mutate func(img []byte)
+		fails  bool
+	}{
+		{"both-current", func([]byte) {}, false},
+		{"primary-json-damaged", func(img []byte) { img[4096+10] ^= 1 }, false},
+		{"primary-magic-damaged", func(img []byte) { img[0] = 'X' }, false},
+		{"stale-secondary", func(img []byte) { copy(img[hdr:2*hdr], stale[hdr:]) }, false},
+		{"stale-primary", func(img []byte) { copy(img[:hdr], stale[:hdr]) }, false},
+		{"both-damaged", func(img []byte) { img[4096+10] ^= 1; img[hdr+4096+10] ^= 1 }, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			img := bytes.Clone(current)
+			tc.mutate(img)
+			if err := os.WriteFile(path, img, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			// The Go reader first: cryptsetup repairs a damaged or stale copy it loads.
+			got, err := readMetadataFile(t, path)
+			want, derr := c.Dump(ctx, path)
+			switch {
+			case tc.fails && (err == nil || derr == nil):
+				t.Fatalf("damaged headers read: ReadMetadata err %v, luksDump err %v", err, derr)
+			case tc.fails:
+				return
+			case derr != nil:
+				t.Fatalf("luksDump: %v", derr)
+			case err != nil:
+				t.Fatalf("ReadMetadata: %v", err)
+			}
+			sameMetadata(t, got, want)
+			var tok Token
+			if err := json.Unmarshal(got.Tokens["0"], &tok); err != nil || len(tok.PCRs) != 4 {
+				t.Fatalf("token read = %+v (%v), want the current one (4 PCRs)", tok, err)
+			}
+		})
+	}
+}
+
+// FuzzReadMetadata: any bytes give a metadata or an error, never a panic or a read beyond
+// the bounds.
+func FuzzReadMetadata(f *testing.F) {
+	hdr := make([]byte, 16<<10)
+	copy(hdr, luks2MagicPrimary)
+	hdr[7] = 2
+	hdr[8+6] = 0x40 // hdr_size 16384
+	copy(hdr[72:], "sha256")
+	copy(hdr[4096:], `{"keyslots":{},"tokens":{}}`)
+	f.Add(hdr)
+	f.Add([]byte("LUKS\xba\xbe\x00\x02"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		m, err := ReadMetadata(bytes.NewReader(b))
+		if err == nil && m == nil {
+			t.Fatal("nil metadata without an error")
+		}
+	})
+}
