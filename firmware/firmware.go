@@ -60,24 +60,29 @@ type prehash struct {
 	sum  []byte
 }
 
-// Prehash starts hashing data in each of hashes, concurrently, in the background, so that a
-// guest can hash its kernel while the SVSM attests and measure it without waiting. data
-// must not change afterwards.
+// Prehash starts hashing data in each of hashes, one after the other in one background
+// goroutine (the boot's own work keeps the other vCPUs), so that a guest can hash its kernel
+// while it loads drivers and the SVSM attests, and measure it without waiting. data must
+// not change afterwards.
 func Prehash(data []byte, hashes ...crypto.Hash) *Prehashed {
 	p := &Prehashed{data: data, sums: map[crypto.Hash]*prehash{}}
+	var order []crypto.Hash
 	for _, h := range hashes {
 		if _, dup := p.sums[h]; dup || !h.Available() {
 			continue
 		}
-		r := &prehash{done: make(chan struct{})}
-		p.sums[h] = r
-		go func() {
-			defer close(r.done)
+		p.sums[h] = &prehash{done: make(chan struct{})}
+		order = append(order, h)
+	}
+	go func() {
+		for _, h := range order {
+			r := p.sums[h]
 			d := h.New()
 			d.Write(data)
 			r.sum = d.Sum(nil)
-		}()
-	}
+			close(r.done)
+		}
+	}()
 	return p
 }
 

@@ -80,7 +80,10 @@ type Components struct {
 // LoadComponents reads cfg's kernel (default: this executable) and initrd and starts hashing
 // them in the banks a new vTPM activates. A read error is kept and reported when the firmware
 // runs, where it was always reported.
-func LoadComponents(cfg *Config) *Components {
+func LoadComponents(cfg *Config) *Components { return loadComponents(cfg, readBounded) }
+
+// loadComponents is LoadComponents reading the kernel with readKernel.
+func loadComponents(cfg *Config, readKernel func(string) ([]byte, error)) *Components {
 	c := &Components{}
 	kernel := cfg.Kernel
 	if kernel == "" {
@@ -97,18 +100,18 @@ func LoadComponents(cfg *Config) *Components {
 			hashes = append(hashes, h)
 		}
 	}
-	load := func(name, path string) (*firmware.Component, error) {
-		d, err := readBounded(path)
+	load := func(name, path string, read func(string) ([]byte, error)) (*firmware.Component, error) {
+		d, err := read(path)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", name, err)
 		}
 		return &firmware.Component{Name: name, Data: d, Hashed: firmware.Prehash(d, hashes...)}, nil
 	}
-	if c.kernel, c.err = load("kernel", kernel); c.err != nil {
+	if c.kernel, c.err = load("kernel", kernel, readKernel); c.err != nil {
 		return c
 	}
 	if cfg.Initrd != "" {
-		c.initrd, c.err = load("initrd", cfg.Initrd)
+		c.initrd, c.err = load("initrd", cfg.Initrd, readBounded)
 	}
 	return c
 }

@@ -1,0 +1,36 @@
+package guest
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// TestMapExecutable: the mapping holds the file's bytes; empty files are refused (there is
+// nothing to map, and a kernel of no bytes is no kernel).
+func TestMapExecutable(t *testing.T) {
+	dir := t.TempDir()
+	want := bytes.Repeat([]byte("kernel image "), 100000)
+	p := filepath.Join(dir, "init")
+	if err := os.WriteFile(p, want, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	got, err := mapExecutable(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("mapped bytes differ from the file")
+	}
+	empty := filepath.Join(dir, "empty")
+	if err := os.WriteFile(empty, nil, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := mapExecutable(empty); err == nil {
+		t.Fatal("an empty file was mapped as a kernel")
+	}
+	if _, err := mapExecutable(filepath.Join(dir, "missing")); err == nil {
+		t.Fatal("a missing file was mapped")
+	}
+}
