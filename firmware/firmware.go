@@ -86,8 +86,8 @@ func Prehash(data []byte, hashes ...crypto.Hash) *Prehashed {
 	return p
 }
 
-// sum is the digest of the data in h: the background one (waited for) if it was started,
-// else computed now; ok is false when it was not started.
+// sum is the digest of the data in h, waited for; ok is false when Prehash was not asked
+// for h (the caller hashes it then).
 func (p *Prehashed) sum(h crypto.Hash) (sum []byte, ok bool) {
 	r, ok := p.sums[h]
 	if !ok {

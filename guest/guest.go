@@ -95,7 +95,7 @@ func loadComponents(cfg *Config, readKernel func(string) ([]byte, error)) *Compo
 		kernel = exe
 	}
 	var hashes []crypto.Hash
-	for _, alg := range vtpm.ActiveBanks {
+	for _, alg := range vtpm.ActiveBanks() {
 		if h, err := alg.Hash(); err == nil {
 			hashes = append(hashes, h)
 		}

@@ -50,9 +50,10 @@ type QEMUBackend struct {
 	started  int
 }
 
-// DefaultVMCPUs is the vCPU count of a VM: two, so that the firmware hashes its PCR banks
-// concurrently, as a multi-vCPU guest would; under TCG each vCPU is a host thread (MTTCG),
-// and a bare boot takes no longer with two (measured on our 2-vCPU machines).
+// DefaultVMCPUs is the vCPU count of a VM: two, so that the guest hashes its kernel for
+// measured boot beside loading its drivers and attesting, as a multi-vCPU guest would; under
+// TCG each vCPU is a host thread (MTTCG), and a bare boot takes no longer with two (measured
+// on our 2-vCPU machines).
 const DefaultVMCPUs = 2
 
 // EnvQEMU names the QEMU the suite's QEMU backend runs (default qemu-system-x86_64). An

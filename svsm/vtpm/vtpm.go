@@ -44,14 +44,14 @@ func Manufacture() (*TPM, error) {
 	return &TPM{sim: sim}, nil
 }
 
-// ActiveBanks are the PCR banks a newly manufactured vTPM has active, as in upstream
+// ActiveBanks returns the PCR banks a newly manufactured vTPM has active, as in upstream
 // COCONUT-SVSM's vTPM: its TPM profile implements SHA-1, SHA-256 and SHA-384 and no SHA-512
 // (libtcgtpm/deps/TpmConfiguration/TpmConfiguration/TpmProfile_Common.h), and the TCG
 // reference TPM it builds activates only SHA-256 and SHA-384 at manufacture
 // (TrustedComputingGroup/TPM TPMCmd/Platform/src/PlatformPcr.c, DefaultActivePcrBanks).
 // go-tpm-tools' older reference TPM activates every implemented bank (SHA-1, SHA-256,
 // SHA-384, SHA-512), which would make firmware measure twice as many banks as the real one.
-var ActiveBanks = []tpm2.Algorithm{tpm2.AlgSHA256, tpm2.AlgSHA384}
+func ActiveBanks() []tpm2.Algorithm { return []tpm2.Algorithm{tpm2.AlgSHA256, tpm2.AlgSHA384} }
 
 // allocateUpstreamBanks sets the PCR allocation to ActiveBanks (every PCR) with the other
 // banks empty, and restarts the TPM so that it takes effect (TPM2_PCR_Allocate applies at
@@ -64,7 +64,7 @@ func allocateUpstreamBanks(sim io.ReadWriter) error {
 	var sel []tpm2.PCRSelection
 	for _, alg := range []tpm2.Algorithm{tpm2.AlgSHA1, tpm2.AlgSHA256, tpm2.AlgSHA384, tpm2.AlgSHA512} {
 		s := tpm2.PCRSelection{Hash: alg}
-		if slices.Contains(ActiveBanks, alg) {
+		if slices.Contains(ActiveBanks(), alg) {
 			s.PCRs = all
 		}
 		sel = append(sel, s)
