@@ -13,7 +13,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"slices"
 	"strconv"
 
@@ -76,7 +75,7 @@ var ErrLocked = errors.New("data disk stays locked")
 // Unlock enrolls on first boot, or unseals and unlocks; on a policy failure it reports and
 // falls back to the recovery passphrase. It returns the method that worked.
 func (f *FDE) Unlock(ctx context.Context) (string, error) {
-	md, err := f.readMetadata(ctx)
+	md, err := f.Cryptsetup.Metadata(ctx, f.Device)
 	if err != nil {
 		return "", fmt.Errorf("read LUKS2 header: %w", err)
 	}
@@ -88,7 +87,7 @@ func (f *FDE) Unlock(ctx context.Context) (string, error) {
 		if err := f.enroll(ctx); err != nil {
 			return "", fmt.Errorf("enroll TPM key: %w", err)
 		}
-		if md, err = f.Cryptsetup.Dump(ctx, f.Device); err != nil {
+		if md, err = f.Cryptsetup.Metadata(ctx, f.Device); err != nil {
 			return "", err
 		}
 		if tok, err = findToken(md); err != nil || tok == nil {
@@ -114,20 +113,6 @@ func (f *FDE) Unlock(ctx context.Context) (string, error) {
 	f.unlockedWith = f.Recovery
 	f.Emit("fde-unlocked", "", map[string]any{"method": MethodRecovery})
 	return MethodRecovery, nil
-}
-
-// readMetadata reads the header in Go (ReadMetadata: no cryptsetup process, a tenth of a
-// second in an emulated guest), and through cryptsetup luksDump when that fails (cryptsetup
-// also repairs a damaged copy).
-func (f *FDE) readMetadata(ctx context.Context) (*Metadata, error) {
-	if dev, err := os.Open(f.Device); err == nil {
-		md, rerr := ReadMetadata(dev)
-		dev.Close()
-		if rerr == nil {
-			return md, nil
-		}
-	}
-	return f.Cryptsetup.Dump(ctx, f.Device)
 }
 
 func (f *FDE) unlockWith(ctx context.Context, slot int, pass []byte) error {
@@ -206,7 +191,7 @@ func (f *FDE) enrollWith(ctx context.Context, auth []byte, opts client.SealOpts,
 // holds now (after an OS update, or after a recovery unlock), authorised by the recovery
 // passphrase.
 func (f *FDE) Reseal(ctx context.Context) error {
-	md, err := f.Cryptsetup.Dump(ctx, f.Device)
+	md, err := f.Cryptsetup.Metadata(ctx, f.Device)
 	if err != nil {
 		return err
 	}
@@ -248,7 +233,7 @@ func (f *FDE) PrepareUpdate(ctx context.Context, predicted map[int][]byte) error
 		}
 		target.Pcrs[uint32(i)] = v
 	}
-	md, err := f.Cryptsetup.Dump(ctx, f.Device)
+	md, err := f.Cryptsetup.Metadata(ctx, f.Device)
 	if err != nil {
 		return err
 	}

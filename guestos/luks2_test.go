@@ -29,8 +29,9 @@ func luksImage(t *testing.T) (string, Cryptsetup) {
 	}
 	var c Cryptsetup
 	ctx := context.Background()
-	if _, err := c.AddKey(ctx, path, []byte("recovery"), []byte("tpm")); err != nil {
-		t.Fatal(err)
+	// AddKey finds the new keyslot by reading the header before and after (Metadata).
+	if slot, err := c.AddKey(ctx, path, []byte("recovery"), []byte("tpm")); err != nil || slot != 1 {
+		t.Fatalf("AddKey = slot %d, %v; want the new keyslot 1", slot, err)
 	}
 	if err := c.ImportToken(ctx, path, tokenID, []byte(`{"type":"svsm-e2e-tpm2","keyslots":["1"],"svsm-e2e-pcrs":[4,7],"svsm-e2e-pcr-bank":"sha256","svsm-e2e-sealed":"AAEC"}`)); err != nil {
 		t.Fatal(err)
