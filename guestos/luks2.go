@@ -8,7 +8,6 @@ import (
 	_ "crypto/sha512"
 	"encoding/binary"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"slices"
@@ -33,8 +32,8 @@ var (
 
 // ReadMetadata reads a LUKS2 device's JSON metadata without running cryptsetup, choosing the
 // header copy as cryptsetup does: each copy must carry its magic, version 2, an accepted
-// size, its own offset and a matching checksum; of two valid copies the one with the higher
-// sequence number wins (the primary on a tie). When the primary is unreadable the secondary
+// size, its own offset, a matching checksum and JSON that parses; of two valid copies the one
+// with the higher sequence number wins (the primary on a tie). When the primary is unreadable the secondary
 // is looked for at every accepted size. Every length is bounded (4 MiB per copy).
 //
 // The device is the host's to alter: what this returns is only a hint (which token and
@@ -67,16 +66,12 @@ func ReadMetadata(dev io.ReaderAt) (*Metadata, error) {
 	default:
 		return nil, fmt.Errorf("no valid LUKS2 header: primary: %v; secondary: %v", perr, serr)
 	}
-	var m Metadata
-	if err := json.Unmarshal(use.json, &m); err != nil {
-		return nil, fmt.Errorf("LUKS2 header at %d: JSON metadata: %w", use.offset, err)
-	}
-	return &m, nil
+	return use.md, nil
 }
 
 type luks2Copy struct {
 	offset, size, seqid uint64
-	json                []byte
+	md                  *Metadata
 }
 
 // readLUKS2Copy reads and checks the header copy at off.
@@ -119,8 +114,12 @@ func readLUKS2Copy(dev io.ReaderAt, off uint64, magic []byte) (*luks2Copy, error
 		area = area[:i]
 	}
 	if len(area) == 0 {
-		return nil, errors.New("header: empty JSON area")
+		return nil, fmt.Errorf("header at %d: empty JSON area", off)
 	}
-	c.json = area
+	// A copy whose JSON does not parse is a bad copy, as for cryptsetup: the other one counts.
+	c.md = &Metadata{}
+	if err := json.Unmarshal(area, c.md); err != nil {
+		return nil, fmt.Errorf("header at %d: JSON metadata: %w", off, err)
+	}
 	return c, nil
 }

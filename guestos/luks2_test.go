@@ -3,6 +3,8 @@ package guestos
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
 	"encoding/json"
 	"os"
 	"os/exec"
@@ -98,6 +100,12 @@ func TestReadMetadataAgreesWithCryptsetup(t *testing.T) {
 		{"primary-magic-damaged", func(img []byte) { img[0] = 'X' }, false},
 		{"stale-secondary", func(img []byte) { copy(img[hdr:2*hdr], stale[hdr:]) }, false},
 		{"stale-primary", func(img []byte) { copy(img[:hdr], stale[:hdr]) }, false},
+		{"primary-json-unparsable-checksum-valid", func(img []byte) {
+			copy(img[4096:], "{\"keyslots\":")
+			clear(img[luks2CsumOffset : luks2CsumOffset+luks2CsumSize])
+			sum := sha256.Sum256(img[:hdr])
+			copy(img[luks2CsumOffset:], sum[:])
+		}, false},
 		{"both-damaged", func(img []byte) { img[4096+10] ^= 1; img[hdr+4096+10] ^= 1 }, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -143,6 +151,66 @@ func FuzzReadMetadata(f *testing.F) {
 		m, err := ReadMetadata(bytes.NewReader(b))
 		if err == nil && m == nil {
 			t.Fatal("nil metadata without an error")
+		}
+	})
+}
+
+// luks2Header builds one header copy of size 16 KiB at off with a valid checksum.
+func luks2Header(magic []byte, off, seqid uint64, js []byte) []byte {
+	const size = 16 << 10
+	h := make([]byte, size)
+	copy(h, magic)
+	binary.BigEndian.PutUint16(h[6:8], 2)
+	binary.BigEndian.PutUint64(h[8:16], size)
+	binary.BigEndian.PutUint64(h[16:24], seqid)
+	copy(h[72:], "sha256")
+	binary.BigEndian.PutUint64(h[256:264], off)
+	copy(h[luks2BinHeaderSize:], js)
+	sum := sha256.Sum256(h)
+	copy(h[luks2CsumOffset:], sum[:])
+	return h
+}
+
+// FuzzReadMetadataJSON: headers with valid checksums around arbitrary JSON areas and sequence
+// numbers reach the JSON parser and the choice between copies: a metadata or an error, and
+// with two valid copies the one with the higher sequence number (the primary on a tie).
+func FuzzReadMetadataJSON(f *testing.F) {
+	f.Add([]byte(`{"keyslots":{"0":{}},"tokens":{"0":{"type":"a"}}}`), []byte(`{"keyslots":{},"tokens":{}}`), uint64(3), uint64(2))
+	f.Add([]byte(`{"tokens":{"0":{"keyslots":["1"]}}}`), []byte(`{"tokens":{"1":{}}}`), uint64(1), uint64(9))
+	f.Add([]byte("\x00"), []byte(`{`), uint64(0), uint64(0))
+	f.Fuzz(func(t *testing.T, js1, js2 []byte, seq1, seq2 uint64) {
+		const size = 16 << 10
+		if len(js1) > size-luks2BinHeaderSize || len(js2) > size-luks2BinHeaderSize {
+			return
+		}
+		img := append(luks2Header(luks2MagicPrimary, 0, seq1, js1), luks2Header(luks2MagicSecondary, size, seq2, js2)...)
+		m, err := ReadMetadata(bytes.NewReader(img))
+		// The oracle: a copy counts when its JSON area (up to the first NUL) is not empty and
+		// parses; of two that count, the higher sequence number wins, the primary on a tie.
+		parse := func(js []byte) *Metadata {
+			if i := bytes.IndexByte(js, 0); i >= 0 {
+				js = js[:i]
+			}
+			var md Metadata
+			if len(js) == 0 || json.Unmarshal(js, &md) != nil {
+				return nil
+			}
+			return &md
+		}
+		w1, w2 := parse(js1), parse(js2)
+		want := w1
+		if w2 != nil && (w1 == nil || seq2 > seq1) {
+			want = w2
+		}
+		switch {
+		case want == nil && err == nil:
+			t.Fatalf("read %+v from two bad copies", m)
+		case want == nil:
+			return
+		case err != nil:
+			t.Fatalf("a valid copy was not read: %v", err)
+		case len(m.Tokens) != len(want.Tokens) || len(m.Keyslots) != len(want.Keyslots):
+			t.Fatalf("read %d tokens %d keyslots, the copy that counts holds %d and %d", len(m.Tokens), len(m.Keyslots), len(want.Tokens), len(want.Keyslots))
 		}
 	})
 }
