@@ -465,16 +465,27 @@ const maxCertsBuf = 64 << 10
 // identify finds the registered VM a report belongs to: by HOST_DATA when some VM pins it,
 // otherwise by measurement.
 func (v *Verifier) identify(ctx context.Context, hostData, measurement []byte) (*VM, *Refusal) {
-	var vms []*VM
+	// The candidates come from the identity index; the rules below are checked on the
+	// records themselves.
+	var candidates []*VM
 	if err := v.store.View(ctx, func(tx Tx) error {
-		var err error
-		vms, err = tx.VMs()
+		h, err := tx.IdentifiedVMs(identityKey(identityHostData, hostData))
+		if err != nil {
+			return err
+		}
+		m, err := tx.IdentifiedVMs(identityKey(identityMeasurement, measurement))
+		candidates = append(h, m...)
 		return err
 	}); err != nil {
 		return nil, refuse("database", "%v", err)
 	}
 	var byHost, byMeas []*VM
-	for _, vm := range vms {
+	seen := map[string]bool{}
+	for _, vm := range candidates {
+		if seen[vm.Name] {
+			continue
+		}
+		seen[vm.Name] = true
 		if len(vm.HostData) > 0 {
 			if string(vm.HostData) == string(hostData) {
 				byHost = append(byHost, vm)

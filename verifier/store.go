@@ -31,6 +31,9 @@ type Tx interface {
 	VM(name string) (*VM, error)
 	PutVM(vm *VM) error
 	VMs() ([]*VM, error)
+	// IdentifiedVMs returns the VMs indexed under an identity key (identityKey), in name
+	// order: what identify reads instead of every record.
+	IdentifiedVMs(key []byte) ([]*VM, error)
 	Boot(id string) (*Boot, error)
 	PutBoot(b *Boot) error
 	// Audit appends an event in the same transaction as the decision it records; the store
@@ -66,3 +69,44 @@ func (t instanceTx) Audit(e AuditEvent) error {
 
 // maxAuditRead bounds one AuditEvents answer.
 const maxAuditRead = 10000
+
+// Identity keys index VMs by what an attestation report names them by: HOST_DATA for a VM
+// registered with one, else each of its accepted launch measurements. identify still applies
+// its rules to the candidates; the index saves reading and decoding every VM record on each
+// attestation (O(registered VMs) before). Each store keeps the index in the same transaction
+// as the VM record.
+const (
+	identityHostData    = 'h'
+	identityMeasurement = 'm'
+)
+
+// identityKey is kind, the value's length (2 bytes, big-endian) and the value: no key is a
+// prefix of another, so a store may append the VM name.
+func identityKey(kind byte, value []byte) []byte {
+	k := make([]byte, 0, 3+len(value))
+	k = append(k, kind, byte(len(value)>>8), byte(len(value)))
+	return append(k, value...)
+}
+
+// identityKeys are the keys vm is indexed under.
+func identityKeys(vm *VM) [][]byte {
+	if len(vm.HostData) > 0 {
+		return [][]byte{identityKey(identityHostData, vm.HostData)}
+	}
+	var out [][]byte
+	seen := map[string]bool{}
+	for _, m := range vm.Measurements {
+		if !seen[string(m)] {
+			seen[string(m)] = true
+			out = append(out, identityKey(identityMeasurement, m))
+		}
+	}
+	return out
+}
+
+// identityIndexVersion is the store metadata value saying the identity index is complete
+// (written once the index of a store that predates it has been built).
+const (
+	identityIndexMeta    = "identity-index"
+	identityIndexVersion = "1"
+)

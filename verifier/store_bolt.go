@@ -1,9 +1,11 @@
 package verifier
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
@@ -23,6 +25,8 @@ var (
 	bucketBoots = []byte("boots")
 	bucketAudit = []byte("audit")
 	bucketMeta  = []byte("meta")
+	// bucketIdentity holds identityKey(...) + VM name → empty.
+	bucketIdentity = []byte("vm_identity")
 )
 
 // OpenBoltStore opens (creating if needed) the bbolt database at path.
@@ -35,12 +39,12 @@ func OpenBoltStore(path string) (Store, error) {
 		return nil, fmt.Errorf("open verifier db %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketVMs, bucketBoots, bucketAudit, bucketMeta} {
+		for _, b := range [][]byte{bucketVMs, bucketBoots, bucketAudit, bucketMeta, bucketIdentity} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
 		}
-		return nil
+		return buildBoltIdentityIndex(&boltTx{tx: tx, now: time.Now().UTC()})
 	})
 	if err != nil {
 		db.Close()
@@ -98,8 +102,65 @@ func (t *boltTx) VM(name string) (*VM, error) {
 	return &vm, nil
 }
 
-// PutVM stores a VM record.
-func (t *boltTx) PutVM(vm *VM) error { return putJSON(t.tx.Bucket(bucketVMs), []byte(vm.Name), vm) }
+// PutVM stores a VM record and moves its identity index entries.
+func (t *boltTx) PutVM(vm *VM) error {
+	idx := t.tx.Bucket(bucketIdentity)
+	if old, err := t.VM(vm.Name); err == nil {
+		for _, k := range identityKeys(old) {
+			if err := idx.Delete(append(k, vm.Name...)); err != nil {
+				return err
+			}
+		}
+	} else if !errors.Is(err, ErrNotFound) {
+		return err
+	}
+	for _, k := range identityKeys(vm) {
+		if err := idx.Put(append(k, vm.Name...), []byte{}); err != nil {
+			return err
+		}
+	}
+	return putJSON(t.tx.Bucket(bucketVMs), []byte(vm.Name), vm)
+}
+
+// IdentifiedVMs implements Tx.
+func (t *boltTx) IdentifiedVMs(key []byte) ([]*VM, error) {
+	var out []*VM
+	c := t.tx.Bucket(bucketIdentity).Cursor()
+	for k, _ := c.Seek(key); k != nil && bytes.HasPrefix(k, key); k, _ = c.Next() {
+		vm, err := t.VM(string(k[len(key):]))
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, vm)
+	}
+	return out, nil
+}
+
+// buildBoltIdentityIndex indexes every VM once, in a store that predates the index.
+func buildBoltIdentityIndex(t *boltTx) error {
+	if v, err := t.Meta(identityIndexMeta); err != nil || string(v) == identityIndexVersion {
+		return err
+	}
+	if err := t.tx.DeleteBucket(bucketIdentity); err != nil {
+		return err
+	}
+	idx, err := t.tx.CreateBucket(bucketIdentity)
+	if err != nil {
+		return err
+	}
+	vms, err := t.VMs()
+	if err != nil {
+		return err
+	}
+	for _, vm := range vms {
+		for _, k := range identityKeys(vm) {
+			if err := idx.Put(append(k, vm.Name...), []byte{}); err != nil {
+				return err
+			}
+		}
+	}
+	return t.PutMeta(identityIndexMeta, []byte(identityIndexVersion))
+}
 
 // VMs lists every VM.
 func (t *boltTx) VMs() ([]*VM, error) {

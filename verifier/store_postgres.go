@@ -40,6 +40,8 @@ var pgSchema = []string{
 	`CREATE TABLE IF NOT EXISTS svsm_audit (seq bigserial PRIMARY KEY, vm text NOT NULL, doc jsonb NOT NULL)`,
 	`CREATE INDEX IF NOT EXISTS svsm_audit_vm ON svsm_audit (vm, seq)`,
 	`CREATE TABLE IF NOT EXISTS svsm_meta (key text PRIMARY KEY, value bytea NOT NULL)`,
+	`CREATE TABLE IF NOT EXISTS svsm_vm_identity (key bytea NOT NULL, name text NOT NULL, PRIMARY KEY (key, name))`,
+	`CREATE INDEX IF NOT EXISTS svsm_vm_identity_name ON svsm_vm_identity (name)`,
 }
 
 // OpenPostgresStore connects to the database at url (a pgx connection string: URL or
@@ -63,7 +65,7 @@ func OpenPostgresStore(ctx context.Context, url string) (Store, error) {
 				return fmt.Errorf("%s: %w", q, err)
 			}
 		}
-		return nil
+		return buildPgIdentityIndex(&pgTx{ctx: ctx, tx: tx, now: time.Now().UTC()})
 	})
 	if err != nil {
 		pool.Close()
@@ -151,8 +153,51 @@ func (t *pgTx) VM(name string) (*VM, error) {
 	return &vm, nil
 }
 
+// PutVM stores a VM record and replaces its identity index rows.
 func (t *pgTx) PutVM(vm *VM) error {
-	return t.putDoc(`INSERT INTO svsm_vms (name, doc) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc`, vm.Name, vm)
+	if err := t.putDoc(`INSERT INTO svsm_vms (name, doc) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET doc = EXCLUDED.doc`, vm.Name, vm); err != nil {
+		return err
+	}
+	return t.indexVM(vm)
+}
+
+func (t *pgTx) indexVM(vm *VM) error {
+	if _, err := t.tx.Exec(t.ctx, `DELETE FROM svsm_vm_identity WHERE name = $1`, vm.Name); err != nil {
+		return err
+	}
+	for _, k := range identityKeys(vm) {
+		if _, err := t.tx.Exec(t.ctx, `INSERT INTO svsm_vm_identity (key, name) VALUES ($1, $2)`, k, vm.Name); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// IdentifiedVMs implements Tx.
+func (t *pgTx) IdentifiedVMs(key []byte) ([]*VM, error) {
+	rows, err := t.tx.Query(t.ctx, `SELECT v.name, v.doc FROM svsm_vm_identity i JOIN svsm_vms v ON v.name = i.name WHERE i.key = $1 ORDER BY v.name`, key)
+	if err != nil {
+		return nil, err
+	}
+	return scanVMs(rows)
+}
+
+// buildPgIdentityIndex indexes every VM once, in a database that predates the index (under
+// the schema lock).
+func buildPgIdentityIndex(t *pgTx) error {
+	if v, err := t.Meta(identityIndexMeta); err != nil || string(v) == identityIndexVersion {
+		return err
+	}
+	vms, err := t.VMs()
+	if err != nil {
+		return err
+	}
+	for _, vm := range vms {
+		if err := t.indexVM(vm); err != nil {
+			return err
+		}
+	}
+	return t.PutMeta(identityIndexMeta, []byte(identityIndexVersion))
 }
 
 func (t *pgTx) VMs() ([]*VM, error) {
@@ -160,6 +205,11 @@ func (t *pgTx) VMs() ([]*VM, error) {
 	if err != nil {
 		return nil, err
 	}
+	return scanVMs(rows)
+}
+
+// scanVMs decodes (name, doc) rows.
+func scanVMs(rows pgx.Rows) ([]*VM, error) {
 	defer rows.Close()
 	var out []*VM
 	for rows.Next() {

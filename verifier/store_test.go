@@ -7,12 +7,14 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
+	bolt "go.etcd.io/bbolt"
 
 	"github.com/svsm-e2e/svsm-e2e/internal/postgres/pgtest"
 	"github.com/svsm-e2e/svsm-e2e/protocol"
@@ -294,5 +296,156 @@ func TestOneReleasePerBootRequestAcrossReplicas(t *testing.T) {
 	view, _ := vs[0].Show(ctx, "vm")
 	if view.Releases != rounds {
 		t.Fatalf("the record counts %d releases, want %d", view.Releases, rounds)
+	}
+}
+
+// identified lists the names IdentifiedVMs returns for (kind, value).
+func identified(t *testing.T, s Store, kind byte, value string) []string {
+	t.Helper()
+	var names []string
+	err := s.View(t.Context(), func(tx Tx) error {
+		vms, err := tx.IdentifiedVMs(identityKey(kind, []byte(value)))
+		for _, vm := range vms {
+			names = append(names, vm.Name)
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return names
+}
+
+func putVM(t *testing.T, s Store, name, hostData string, measurements ...string) {
+	t.Helper()
+	err := s.Update(t.Context(), func(tx Tx) error {
+		vm := &VM{VMSpec: VMSpec{Name: name}}
+		if old, err := tx.VM(name); err == nil {
+			vm = old
+		}
+		vm.HostData = HexBytes(hostData)
+		vm.Measurements = nil
+		for _, m := range measurements {
+			vm.Measurements = append(vm.Measurements, HexBytes(m))
+		}
+		return tx.PutVM(vm)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestIdentityIndex: both stores index a VM under its HOST_DATA, or without one under each
+// measurement, and move the entries when the record changes, in the same transaction.
+func TestIdentityIndex(t *testing.T) {
+	for _, b := range backends(t) {
+		t.Run(b.name, func(t *testing.T) {
+			s, _ := b.fresh(t)
+			putVM(t, s, "a", "host-a", "m1")
+			putVM(t, s, "b", "", "m1", "m2", "m1")
+			putVM(t, s, "c", "", "m2")
+			check := func(kind byte, value string, want ...string) {
+				t.Helper()
+				if got := identified(t, s, kind, value); !slices.Equal(got, want) {
+					t.Errorf("identified %c %q = %v, want %v", kind, value, got, want)
+				}
+			}
+			check(identityHostData, "host-a", "a")
+			check(identityMeasurement, "m1", "b") // a has HOST_DATA: found by that only
+			check(identityMeasurement, "m2", "b", "c")
+			check(identityHostData, "" /* none */)
+			putVM(t, s, "b", "", "m3")
+			putVM(t, s, "c", "host-c", "m2")
+			putVM(t, s, "a", "", "m1")
+			check(identityMeasurement, "m1", "a")
+			check(identityMeasurement, "m2")
+			check(identityMeasurement, "m3", "b")
+			check(identityHostData, "host-a")
+			check(identityHostData, "host-c", "c")
+			// A failed transaction leaves the index as it was.
+			err := s.Update(t.Context(), func(tx Tx) error {
+				if err := tx.PutVM(&VM{VMSpec: VMSpec{Name: "d", HostData: HexBytes("host-d")}}); err != nil {
+					return err
+				}
+				return errors.New("rolled back")
+			})
+			if err == nil {
+				t.Fatal("a failing transaction committed")
+			}
+			check(identityHostData, "host-d")
+		})
+	}
+}
+
+// TestIdentityIndexBuiltForOldStores: a store written before the index existed (no index
+// entries, no index metadata) gets its index built when it is opened.
+func TestIdentityIndexBuiltForOldStores(t *testing.T) {
+	t.Run("bbolt", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "verifier.db")
+		s, err := OpenBoltStore(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		putVM(t, s, "a", "host-a")
+		putVM(t, s, "b", "", "m1")
+		s.Close()
+		db, err := bolt.Open(path, 0o600, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = db.Update(func(tx *bolt.Tx) error {
+			if err := tx.DeleteBucket(bucketIdentity); err != nil {
+				return err
+			}
+			return tx.Bucket(bucketMeta).Delete([]byte(identityIndexMeta))
+		})
+		db.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s, err = OpenBoltStore(path); err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		if got := identified(t, s, identityHostData, "host-a"); !slices.Equal(got, []string{"a"}) {
+			t.Errorf("after reopening: host-a → %v", got)
+		}
+		if got := identified(t, s, identityMeasurement, "m1"); !slices.Equal(got, []string{"b"}) {
+			t.Errorf("after reopening: m1 → %v", got)
+		}
+	})
+	for _, b := range backends(t) {
+		if b.name != "postgres" {
+			continue
+		}
+		t.Run(b.name, func(t *testing.T) {
+			s, url := b.fresh(t)
+			putVM(t, s, "a", "host-a")
+			putVM(t, s, "b", "", "m1")
+			conn, err := pgx.Connect(t.Context(), url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close(t.Context())
+			for _, q := range []string{`DELETE FROM svsm_vm_identity`, `DELETE FROM svsm_meta WHERE key = 'identity-index'`} {
+				if _, err := conn.Exec(t.Context(), q); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if got := identified(t, s, identityHostData, "host-a"); len(got) != 0 {
+				t.Fatalf("index not emptied: %v", got)
+			}
+			s2, err := OpenPostgresStore(t.Context(), url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s2.Close()
+			if got := identified(t, s2, identityHostData, "host-a"); !slices.Equal(got, []string{"a"}) {
+				t.Errorf("after reopening: host-a → %v", got)
+			}
+			if got := identified(t, s2, identityMeasurement, "m1"); !slices.Equal(got, []string{"b"}) {
+				t.Errorf("after reopening: m1 → %v", got)
+			}
+		})
 	}
 }

@@ -164,4 +164,13 @@ var catalog = []Mutant{
 	{"L2", "guestos: the primary LUKS2 header copy wins even when stale", "guestos/luks2.go",
 		"\t\tif secondary.seqid > primary.seqid {",
 		"\t\tif false && secondary.seqid > primary.seqid {"},
+	{"I1", "verifier on bbolt: a VM's old identity index entries stay when its record changes", "verifier/store_bolt.go",
+		"\t\t\tif err := idx.Delete(append(k, vm.Name...)); err != nil {",
+		"\t\t\tif err := idx.Delete(append(k, \"x\"...)); err != nil {"},
+	{"I2", "verifier on bbolt: a store from before the identity index is not indexed when opened", "verifier/store_bolt.go",
+		"\tif v, err := t.Meta(identityIndexMeta); err != nil || string(v) == identityIndexVersion {",
+		"\tif v, err := t.Meta(identityIndexMeta); err != nil || string(v) == identityIndexVersion || true {"},
+	{"I3", "verifier on PostgreSQL: a VM's old identity index rows stay when its record changes", "verifier/store_postgres.go",
+		"DELETE FROM svsm_vm_identity WHERE name = $1`",
+		"DELETE FROM svsm_vm_identity WHERE name = $1 AND false`"},
 }
