@@ -78,6 +78,7 @@ const maxAuditRead = 10000
 const (
 	identityHostData    = 'h'
 	identityMeasurement = 'm'
+	identityOwn         = 'n' // bbolt: a VM's own list of its keys
 )
 
 // identityKey is kind, the value's length (2 bytes, big-endian) and the value: no key is a
@@ -86,6 +87,33 @@ func identityKey(kind byte, value []byte) []byte {
 	k := make([]byte, 0, 3+len(value))
 	k = append(k, kind, byte(len(value)>>8), byte(len(value)))
 	return append(k, value...)
+}
+
+// encodeKeyList and decodeKeyList store a list of identity keys as one value: each key with
+// its length (2 bytes, big-endian) before it.
+func encodeKeyList(keys [][]byte) []byte {
+	var out []byte
+	for _, k := range keys {
+		out = append(out, byte(len(k)>>8), byte(len(k)))
+		out = append(out, k...)
+	}
+	return out
+}
+
+func decodeKeyList(b []byte) ([][]byte, error) {
+	var out [][]byte
+	for len(b) > 0 {
+		if len(b) < 2 {
+			return nil, errors.New("truncated key list")
+		}
+		n := int(b[0])<<8 | int(b[1])
+		if len(b) < 2+n {
+			return nil, errors.New("truncated key list")
+		}
+		out = append(out, b[2:2+n])
+		b = b[2+n:]
+	}
+	return out, nil
 }
 
 // identityKeys are the keys vm is indexed under.

@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/binary"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"time"
 
@@ -102,24 +101,41 @@ func (t *boltTx) VM(name string) (*VM, error) {
 	return &vm, nil
 }
 
-// PutVM stores a VM record and moves its identity index entries.
+// PutVM stores a VM record and, when they change, its identity index entries.
 func (t *boltTx) PutVM(vm *VM) error {
-	idx := t.tx.Bucket(bucketIdentity)
-	if old, err := t.VM(vm.Name); err == nil {
-		for _, k := range identityKeys(old) {
-			if err := idx.Delete(append(k, vm.Name...)); err != nil {
-				return err
-			}
-		}
-	} else if !errors.Is(err, ErrNotFound) {
+	if err := t.indexVM(vm.Name, identityKeys(vm)); err != nil {
 		return err
 	}
-	for _, k := range identityKeys(vm) {
-		if err := idx.Put(append(k, vm.Name...), []byte{}); err != nil {
+	return putJSON(t.tx.Bucket(bucketVMs), []byte(vm.Name), vm)
+}
+
+// indexVM makes keys the identity entries of VM name. The VM's own entry (kind 'n') lists
+// its keys, so that most writes (a counter, a boot request) compare two short values and
+// touch nothing else.
+func (t *boltTx) indexVM(name string, keys [][]byte) error {
+	idx := t.tx.Bucket(bucketIdentity)
+	own := identityKey(identityOwn, []byte(name))
+	list := encodeKeyList(keys)
+	old := idx.Get(own)
+	if old != nil && bytes.Equal(old, list) {
+		return nil
+	}
+	old = bytes.Clone(old) // bbolt's value lives in its read-only map, valid until a write
+	oldKeys, err := decodeKeyList(old)
+	if err != nil {
+		return fmt.Errorf("identity index of vm %s: %w", name, err)
+	}
+	for _, k := range oldKeys {
+		if err := idx.Delete(append(k, name...)); err != nil {
 			return err
 		}
 	}
-	return putJSON(t.tx.Bucket(bucketVMs), []byte(vm.Name), vm)
+	for _, k := range keys {
+		if err := idx.Put(append(k, name...), []byte{}); err != nil {
+			return err
+		}
+	}
+	return idx.Put(own, list)
 }
 
 // IdentifiedVMs implements Tx.
@@ -144,8 +160,7 @@ func buildBoltIdentityIndex(t *boltTx) error {
 	if err := t.tx.DeleteBucket(bucketIdentity); err != nil {
 		return err
 	}
-	idx, err := t.tx.CreateBucket(bucketIdentity)
-	if err != nil {
+	if _, err := t.tx.CreateBucket(bucketIdentity); err != nil {
 		return err
 	}
 	vms, err := t.VMs()
@@ -153,10 +168,8 @@ func buildBoltIdentityIndex(t *boltTx) error {
 		return err
 	}
 	for _, vm := range vms {
-		for _, k := range identityKeys(vm) {
-			if err := idx.Put(append(k, vm.Name...), []byte{}); err != nil {
-				return err
-			}
+		if err := t.indexVM(vm.Name, identityKeys(vm)); err != nil {
+			return err
 		}
 	}
 	return t.PutMeta(identityIndexMeta, []byte(identityIndexVersion))

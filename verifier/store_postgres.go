@@ -1,12 +1,14 @@
 package verifier
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -161,16 +163,41 @@ func (t *pgTx) PutVM(vm *VM) error {
 	return t.indexVM(vm)
 }
 
+// indexVM makes identityKeys(vm) the identity rows of vm; most writes (a counter, a boot
+// request) find them unchanged with one query.
 func (t *pgTx) indexVM(vm *VM) error {
+	keys := identityKeys(vm)
+	rows, err := t.tx.Query(t.ctx, `SELECT key FROM svsm_vm_identity WHERE name = $1`, vm.Name)
+	if err != nil {
+		return err
+	}
+	old, err := pgx.CollectRows(rows, pgx.RowTo[[]byte])
+	if err != nil {
+		return err
+	}
+	if sameKeys(old, keys) {
+		return nil
+	}
 	if _, err := t.tx.Exec(t.ctx, `DELETE FROM svsm_vm_identity WHERE name = $1`, vm.Name); err != nil {
 		return err
 	}
-	for _, k := range identityKeys(vm) {
+	for _, k := range keys {
 		if _, err := t.tx.Exec(t.ctx, `INSERT INTO svsm_vm_identity (key, name) VALUES ($1, $2)`, k, vm.Name); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// sameKeys reports whether a and b hold the same keys, in any order.
+func sameKeys(a, b [][]byte) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	sa, sb := slices.Clone(a), slices.Clone(b)
+	slices.SortFunc(sa, bytes.Compare)
+	slices.SortFunc(sb, bytes.Compare)
+	return slices.EqualFunc(sa, sb, bytes.Equal)
 }
 
 // IdentifiedVMs implements Tx.

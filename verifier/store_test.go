@@ -449,3 +449,20 @@ func TestIdentityIndexBuiltForOldStores(t *testing.T) {
 		})
 	}
 }
+
+// TestKeyList: a VM's own list of identity keys round-trips, and a damaged one is an error,
+// not a panic.
+func TestKeyList(t *testing.T) {
+	for _, keys := range [][][]byte{nil, {identityKey(identityHostData, []byte("h"))},
+		{identityKey(identityMeasurement, []byte("m1")), identityKey(identityMeasurement, make([]byte, 300))}} {
+		got, err := decodeKeyList(encodeKeyList(keys))
+		if err != nil || !slices.EqualFunc(got, keys, func(a, b []byte) bool { return string(a) == string(b) }) {
+			t.Errorf("round trip of %d keys: %d keys, %v", len(keys), len(got), err)
+		}
+	}
+	for _, bad := range [][]byte{{0}, {0, 5, 'a'}, {1, 0}} {
+		if _, err := decodeKeyList(bad); err == nil {
+			t.Errorf("decodeKeyList(%x) accepted a damaged list", bad)
+		}
+	}
+}
