@@ -110,7 +110,7 @@ func decodeKeyList(b []byte) ([][]byte, error) {
 		if len(b) < 2+n {
 			return nil, errors.New("truncated key list")
 		}
-		out = append(out, b[2:2+n])
+		out = append(out, b[2:2+n:2+n]) // capped: appending to a key must not write into the next
 		b = b[2+n:]
 	}
 	return out, nil

@@ -362,6 +362,15 @@ func TestIdentityIndex(t *testing.T) {
 			check(identityMeasurement, "m3", "b")
 			check(identityHostData, "host-a")
 			check(identityHostData, "host-c", "c")
+			// Several measurements and a name of a few bytes (which an append into the key list
+			// would write over the next key): moving the entries leaves no stale one.
+			long := "vm-x"
+			putVM(t, s, long, "", "m4", "m5", "m6")
+			putVM(t, s, long, "", "m7")
+			check(identityMeasurement, "m4")
+			check(identityMeasurement, "m5")
+			check(identityMeasurement, "m6")
+			check(identityMeasurement, "m7", long)
 			// A failed transaction leaves the index as it was.
 			err := s.Update(t.Context(), func(tx Tx) error {
 				if err := tx.PutVM(&VM{VMSpec: VMSpec{Name: "d", HostData: HexBytes("host-d")}}); err != nil {

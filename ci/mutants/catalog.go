@@ -173,4 +173,7 @@ var catalog = []Mutant{
 	{"I3", "verifier on PostgreSQL: a VM's old identity index rows stay when its record changes", "verifier/store_postgres.go",
 		"DELETE FROM svsm_vm_identity WHERE name = $1`",
 		"DELETE FROM svsm_vm_identity WHERE name = $1 AND false`"},
+	{"I4", "verifier on bbolt: the decoded key list is not capped, so moving one key overwrites the next", "verifier/store.go",
+		"\t\tout = append(out, b[2:2+n:2+n])",
+		"\t\tout = append(out, b[2:2+n])"},
 }
