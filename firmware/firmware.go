@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"io"
 	"slices"
-	"sync"
 	"unsafe"
 
 	"github.com/google/go-tpm/legacy/tpm2"
@@ -267,11 +266,6 @@ func checkDBX(vars Variables, comps []Component, sha256s [][]byte) error {
 	return nil
 }
 
-// parallelHashMin is the size from which digestsOf hashes the banks concurrently (one
-// goroutine per bank; a VM with more than one vCPU then hashes its kernel in a fraction of
-// the time).
-const parallelHashMin = 1 << 20
-
 // componentDigests returns c's digest in each bank's hash, in bank order: the prehashed ones
 // where there are, the others computed now.
 func componentDigests(banks []Bank, c Component) [][]byte {
@@ -299,22 +293,11 @@ func componentDigests(banks []Bank, c Component) [][]byte {
 // digestsOf returns data's digest in each bank's hash, in bank order.
 func digestsOf(banks []Bank, data []byte) [][]byte {
 	out := make([][]byte, len(banks))
-	one := func(i int) {
-		h := banks[i].Hash.New()
+	for i, b := range banks {
+		h := b.Hash.New()
 		h.Write(data)
 		out[i] = h.Sum(nil)
 	}
-	if len(data) < parallelHashMin {
-		for i := range banks {
-			one(i)
-		}
-		return out
-	}
-	var wg sync.WaitGroup
-	for i := range banks {
-		wg.Go(func() { one(i) })
-	}
-	wg.Wait()
 	return out
 }
 

@@ -275,7 +275,7 @@ func run(ctx context.Context, cfg Config, em *emitter, crash *crashpoint.Injecto
 
 	// Firmware layer.
 	fwFail := func(reason string, err error) error { return &Failure{protocol.LayerFirmware, reason, err} }
-	boot, err := cfg.bootComponents(s.LaunchDigest())
+	boot, err := cfg.bootComponents(cfg.Components, s.LaunchDigest())
 	if err != nil {
 		return "", fwFail("boot-components", err)
 	}
@@ -366,11 +366,8 @@ func run(ctx context.Context, cfg Config, em *emitter, crash *crashpoint.Injecto
 	return outcome, nil
 }
 
-func (cfg *Config) bootComponents(launch []byte) (firmware.Boot, error) {
-	c := cfg.Components
-	if c == nil {
-		c = LoadComponents(cfg)
-	}
+// bootComponents is what the firmware boots: the components c loaded at the boot's start.
+func (cfg *Config) bootComponents(c *Components, launch []byte) (firmware.Boot, error) {
 	b := firmware.Boot{LaunchDigest: launch, Cmdline: cfg.Cmdline}
 	if c.err != nil {
 		return b, c.err

@@ -479,13 +479,10 @@ func (v *Verifier) identify(ctx context.Context, hostData, measurement []byte) (
 	}); err != nil {
 		return nil, refuse("database", "%v", err)
 	}
+	// A VM is indexed under its HOST_DATA or under its measurements, never both: no VM is a
+	// candidate twice.
 	var byHost, byMeas []*VM
-	seen := map[string]bool{}
 	for _, vm := range candidates {
-		if seen[vm.Name] {
-			continue
-		}
-		seen[vm.Name] = true
 		if len(vm.HostData) > 0 {
 			if string(vm.HostData) == string(hostData) {
 				byHost = append(byHost, vm)

@@ -386,6 +386,18 @@ func TestIdentityIndex(t *testing.T) {
 	}
 }
 
+// checkReindexed checks the index of a reopened store holding VM a (HOST_DATA host-a) and
+// VM b (measurement m1).
+func checkReindexed(t *testing.T, s Store) {
+	t.Helper()
+	if got := identified(t, s, identityHostData, "host-a"); !slices.Equal(got, []string{"a"}) {
+		t.Errorf("after reopening: host-a → %v", got)
+	}
+	if got := identified(t, s, identityMeasurement, "m1"); !slices.Equal(got, []string{"b"}) {
+		t.Errorf("after reopening: m1 → %v", got)
+	}
+}
+
 // TestIdentityIndexBuiltForOldStores: a store written before the index existed (no index
 // entries, no index metadata) gets its index built when it is opened.
 func TestIdentityIndexBuiltForOldStores(t *testing.T) {
@@ -416,12 +428,7 @@ func TestIdentityIndexBuiltForOldStores(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer s.Close()
-		if got := identified(t, s, identityHostData, "host-a"); !slices.Equal(got, []string{"a"}) {
-			t.Errorf("after reopening: host-a → %v", got)
-		}
-		if got := identified(t, s, identityMeasurement, "m1"); !slices.Equal(got, []string{"b"}) {
-			t.Errorf("after reopening: m1 → %v", got)
-		}
+		checkReindexed(t, s)
 	})
 	for _, b := range backends(t) {
 		if b.name != "postgres" {
@@ -449,12 +456,7 @@ func TestIdentityIndexBuiltForOldStores(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer s2.Close()
-			if got := identified(t, s2, identityHostData, "host-a"); !slices.Equal(got, []string{"a"}) {
-				t.Errorf("after reopening: host-a → %v", got)
-			}
-			if got := identified(t, s2, identityMeasurement, "m1"); !slices.Equal(got, []string{"b"}) {
-				t.Errorf("after reopening: m1 → %v", got)
-			}
+			checkReindexed(t, s2)
 		})
 	}
 }
