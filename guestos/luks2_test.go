@@ -101,7 +101,7 @@ func TestReadMetadataAgreesWithCryptsetup(t *testing.T) {
 		{"stale-secondary", func(img []byte) { copy(img[hdr:2*hdr], stale[hdr:]) }, false},
 		{"stale-primary", func(img []byte) { copy(img[:hdr], stale[:hdr]) }, false},
 		{"primary-json-unparsable-checksum-valid", func(img []byte) {
-			copy(img[4096:], "{\"keyslots\":")
+			copy(img[4096:], "{\"keyslots\":[") // an array where an object was: not LUKS2 JSON
 			clear(img[luks2CsumOffset : luks2CsumOffset+luks2CsumSize])
 			sum := sha256.Sum256(img[:hdr])
 			copy(img[luks2CsumOffset:], sum[:])

@@ -176,4 +176,7 @@ var catalog = []Mutant{
 	{"I4", "verifier on bbolt: the decoded key list is not capped, so moving one key overwrites the next", "verifier/store.go",
 		"\t\tout = append(out, b[2:2+n:2+n])",
 		"\t\tout = append(out, b[2:2+n])"},
+	{"L3", "guestos: a LUKS2 header copy whose JSON does not parse still counts", "guestos/luks2.go",
+		"\tif err := json.Unmarshal(area, c.md); err != nil {",
+		"\tif err := json.Unmarshal(area, c.md); err != nil && false {"},
 }
