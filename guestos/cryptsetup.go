@@ -91,16 +91,20 @@ func slotArgs(slot int, cmd string, args ...string) []string {
 	return append(out, args...)
 }
 
-// AddKey adds newPass in a new keyslot, authorised by an existing passphrase, with PBKDF2 at
-// 1000 iterations: the new passphrase is 256 random bits, so a slow KDF adds nothing
-// (systemd-cryptenroll does the same for TPM-bound keys). Returns the keyslot number.
+// AddKey adds newPass in a new keyslot, authorised by an existing passphrase, and returns
+// the keyslot number. The new passphrase is 256 random bits (a TPM-sealed key), so its
+// keyslot gets systemd-cryptenroll's minimal KDF (systemd/systemd src/shared/cryptsetup-util.c,
+// cryptsetup_set_minimal_pbkdf: PBKDF2, SHA-512, 1000 iterations). cryptsetup uses the
+// keyslot's hash for its anti-forensic splitter too, where SHA-512 needs half the digests of
+// SHA-256 for a 512-bit key: a quarter less CPU per unlock (78 vs 105 million instructions
+// under valgrind).
 func (c Cryptsetup) AddKey(ctx context.Context, dev string, existing, newPass []byte) (int, error) {
 	before, err := c.Metadata(ctx, dev)
 	if err != nil {
 		return 0, err
 	}
 	if _, err := c.run(ctx, existing, newPass, "luksAddKey", "--batch-mode", "--key-file=-",
-		"--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000", dev, "/proc/self/fd/3"); err != nil {
+		"--pbkdf", "pbkdf2", "--hash", "sha512", "--pbkdf-force-iterations", "1000", dev, "/proc/self/fd/3"); err != nil {
 		return 0, err
 	}
 	after, err := c.Metadata(ctx, dev)

@@ -41,6 +41,34 @@ func luksImage(t *testing.T) (string, Cryptsetup) {
 	return path, c
 }
 
+// TestTPMKeyslotAsSystemdCryptenroll: the keyslot AddKey creates has systemd-cryptenroll's
+// minimal KDF (systemd/systemd 00923bf3 src/shared/cryptsetup-util.c, cryptsetup_set_minimal_pbkdf:
+// PBKDF2, SHA-512, 1000 iterations), and cryptsetup's splitter uses the same hash.
+func TestTPMKeyslotAsSystemdCryptenroll(t *testing.T) {
+	path, c := luksImage(t)
+	md, err := c.Metadata(context.Background(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var slot struct {
+		KDF struct {
+			Type       string `json:"type"`
+			Hash       string `json:"hash"`
+			Iterations int    `json:"iterations"`
+		} `json:"kdf"`
+		AF struct {
+			Hash    string `json:"hash"`
+			Stripes int    `json:"stripes"`
+		} `json:"af"`
+	}
+	if err := json.Unmarshal(md.Keyslots["1"], &slot); err != nil {
+		t.Fatal(err)
+	}
+	if slot.KDF.Type != "pbkdf2" || slot.KDF.Hash != "sha512" || slot.KDF.Iterations != 1000 || slot.AF.Hash != "sha512" {
+		t.Fatalf("TPM keyslot kdf %+v af %+v; want pbkdf2/sha512/1000 with a sha512 splitter", slot.KDF, slot.AF)
+	}
+}
+
 // sameMetadata compares two readings by meaning (cryptsetup pretty-prints).
 func sameMetadata(t *testing.T, got, want *Metadata) {
 	t.Helper()
