@@ -31,8 +31,8 @@ func TestGoldenCommandLines(t *testing.T) {
 		m    *Machine
 		want string
 	}{
-		{sample(Microvm), common + "-accel tcg -cpu max -machine microvm,acpi=on" + kernel + tail("device", "virtio-blk-device")},
-		{sample(Q35), common + "-accel tcg -cpu max -machine q35" + kernel + tail("pci", "virtio-blk-pci")},
+		{sample(Microvm), common + "-accel tcg -cpu max,erms=off,fsrm=off -machine microvm,acpi=on" + kernel + tail("device", "virtio-blk-device")},
+		{sample(Q35), common + "-accel tcg -cpu max,erms=off,fsrm=off -machine q35" + kernel + tail("pci", "virtio-blk-pci")},
 	} {
 		args, err := tc.m.Args()
 		if err != nil {
