@@ -3,8 +3,11 @@ package images
 import (
 	"bytes"
 	"context"
+	"debug/elf"
+	"errors"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"testing"
 )
@@ -85,4 +88,59 @@ func TestExtractVmlinux(t *testing.T) {
 	if _, err := ExtractVmlinux(context.Background(), []byte("no kernel here")); err == nil {
 		t.Fatal("found a kernel in garbage")
 	}
+}
+
+// TestStripSymbols: the stripped copy has no symbol table, is smaller, and still runs (a Go
+// program's stack trace comes from .gopclntab, which stays).
+func TestStripSymbols(t *testing.T) {
+	if _, err := exec.LookPath("objcopy"); err != nil {
+		t.Skip("objcopy not installed (Debian package binutils)")
+	}
+	dir := t.TempDir()
+	src := filepath.Join(dir, "main.go")
+	prog := "package main\n\nfunc main() { println(\"up\"); panic(\"trace\") }\n"
+	if err := os.WriteFile(src, []byte(prog), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "prog")
+	if out, err := exec.Command("go", "build", "-o", bin, src).CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	if _, err := symbols(bin); err != nil {
+		t.Fatalf("the unstripped build has no symbols: %v", err)
+	}
+	stripped, err := StripSymbols(context.Background(), bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	orig, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(stripped) >= len(orig) {
+		t.Fatalf("stripped %d bytes, original %d", len(stripped), len(orig))
+	}
+	sp := filepath.Join(dir, "stripped")
+	if err := os.WriteFile(sp, stripped, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := symbols(sp); !errors.Is(err, elf.ErrNoSymbols) {
+		t.Fatalf("stripped copy: symbols err %v, want elf.ErrNoSymbols", err)
+	}
+	out, _ := exec.Command(sp).CombinedOutput()
+	if !bytes.Contains(out, []byte("up")) || !bytes.Contains(out, []byte("main.main")) {
+		t.Fatalf("stripped program's output lacks its output or its stack trace:\n%s", out)
+	}
+	if _, err := StripSymbols(context.Background(), filepath.Join(dir, "missing")); err == nil {
+		t.Fatal("stripping a missing file succeeded")
+	}
+}
+
+func symbols(path string) ([]elf.Symbol, error) {
+	f, err := elf.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return f.Symbols()
 }

@@ -21,11 +21,12 @@ import (
 // named explicitly.
 var GuestModules = []string{"virtio_mmio", "virtio_pci", "virtio_blk", "virtio_console", "virtio_rng", "dm_mod", "dm_crypt", "ecb", "xts"}
 
-// ModuleListPath is where the initramfs lists its modules in load order.
+// ModuleListPath is where the initramfs lists its modules, one per line in load order, each
+// followed by the modules it depends on (.modinfo "depends="), separated by spaces.
 const ModuleListPath = "etc/svsm-e2e/modules"
 
 // builderVersion changes whenever the initramfs layout changes (part of the content hash).
-const builderVersion = "initramfs-v1"
+const builderVersion = "initramfs-v3" // v2: /init without its symbol table; v3: module dependencies listed
 
 // InitramfsSpec is what goes into the initramfs.
 type InitramfsSpec struct {
@@ -100,6 +101,24 @@ func (s *InitramfsSpec) Hash(ctx context.Context) (string, error) {
 	return hex.EncodeToString(h.Sum(nil))[:16], nil
 }
 
+// StripSymbols returns the executable at path without its symbol table and debug sections
+// (objcopy --strip-all, binutils, which cgo's gcc brings). A VM's firmware measures /init,
+// hashing every byte in each PCR bank at each boot, and the kernel unpacks every byte: the
+// symbol table is 11 % of svsm-guest (1.6 MB), which needs none of it to run (Go's own
+// stack traces use .gopclntab). The shipped bin/svsm-guest keeps it (vtpm.CheckBinary).
+func StripSymbols(ctx context.Context, path string) ([]byte, error) {
+	dir, err := os.MkdirTemp("", "svsm-e2e-strip-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	out := filepath.Join(dir, "stripped")
+	if _, err := run(ctx, "", "objcopy", "--strip-all", path, out); err != nil {
+		return nil, fmt.Errorf("strip %s (objcopy from Debian package binutils): %w", path, err)
+	}
+	return os.ReadFile(out)
+}
+
 // BuildInitramfs writes the uncompressed newc archive to out (gzip costs more than it saves
 // under TCG).
 func BuildInitramfs(ctx context.Context, s *InitramfsSpec, out string) error {
@@ -110,21 +129,22 @@ func BuildInitramfs(ctx context.Context, s *InitramfsSpec, out string) error {
 	}
 	c.CharDev("dev/console", 0o600, 5, 1)
 	c.CharDev("dev/null", 0o666, 1, 3)
-	init, err := os.ReadFile(s.Guest)
+	init, err := StripSymbols(ctx, s.Guest)
 	if err != nil {
 		return err
 	}
 	c.File("init", 0o755, init)
-	var order []string
+	var list strings.Builder
 	for _, m := range s.Modules {
 		b, err := os.ReadFile(m.Path) // Debian 12 ships modules uncompressed
 		if err != nil {
 			return err
 		}
 		c.File("lib/modules/"+m.Name+".ko", 0o644, b)
-		order = append(order, m.Name)
+		// "name dependency...": the guest loads modules side by side, each after its own.
+		list.WriteString(strings.Join(append([]string{m.Name}, canonAll(m.Depends)...), " ") + "\n")
 	}
-	c.File(ModuleListPath, 0o644, []byte(strings.Join(order, "\n")+"\n"))
+	c.File(ModuleListPath, 0o644, []byte(list.String()))
 	files, err := s.files(ctx)
 	if err != nil {
 		return err

@@ -17,6 +17,14 @@ type Module struct {
 
 func canon(name string) string { return strings.ReplaceAll(name, "-", "_") }
 
+func canonAll(names []string) []string {
+	out := make([]string, len(names))
+	for i, n := range names {
+		out[i] = canon(n)
+	}
+	return out
+}
+
 // ResolveModules finds the named modules under dir (lib/modules/RELEASE) and their
 // dependencies from each module's .modinfo "depends=" field, and returns them in load order.
 // A name that is not a module is assumed built in when the kernel config says so; otherwise
