@@ -59,11 +59,16 @@ type prehash struct {
 	sum  []byte
 }
 
+// Digest computes h(data), as an alternative implementation of Go's (a guest passes
+// OpenSSL's, faster under emulation: package libcrypto).
+type Digest func(h crypto.Hash, data []byte) ([]byte, error)
+
 // Prehash starts hashing data in each of hashes, one after the other in one background
 // goroutine (the boot's own work keeps the other vCPUs), so that a guest can hash its kernel
 // while it loads drivers and the SVSM attests, and measure it without waiting. data must
-// not change afterwards.
-func Prehash(data []byte, hashes ...crypto.Hash) *Prehashed {
+// not change afterwards. digest, when not nil, computes the digests instead of Go's crypto;
+// a digest it fails to give (an error, or the wrong length) is computed by the firmware.
+func Prehash(data []byte, digest Digest, hashes ...crypto.Hash) *Prehashed {
 	p := &Prehashed{data: data, sums: map[crypto.Hash]*prehash{}}
 	var order []crypto.Hash
 	for _, h := range hashes {
@@ -76,9 +81,13 @@ func Prehash(data []byte, hashes ...crypto.Hash) *Prehashed {
 	go func() {
 		for _, h := range order {
 			r := p.sums[h]
-			d := h.New()
-			d.Write(data)
-			r.sum = d.Sum(nil)
+			if digest == nil {
+				d := h.New()
+				d.Write(data)
+				r.sum = d.Sum(nil)
+			} else if sum, err := digest(h, data); err == nil && len(sum) == h.Size() {
+				r.sum = sum
+			}
 			close(r.done)
 		}
 	}()
@@ -86,14 +95,14 @@ func Prehash(data []byte, hashes ...crypto.Hash) *Prehashed {
 }
 
 // sum is the digest of the data in h, waited for; ok is false when Prehash was not asked
-// for h (the caller hashes it then).
+// for h or did not get it (the caller hashes it then).
 func (p *Prehashed) sum(h crypto.Hash) (sum []byte, ok bool) {
 	r, ok := p.sums[h]
 	if !ok {
 		return nil, false
 	}
 	<-r.done
-	return r.sum, true
+	return r.sum, r.sum != nil
 }
 
 // Boot is what the firmware boots.

@@ -14,6 +14,7 @@ import (
 	"github.com/google/go-eventlog/tcg"
 	"github.com/google/go-tpm/legacy/tpm2"
 
+	"github.com/svsm-e2e/svsm-e2e/internal/libcrypto"
 	"github.com/svsm-e2e/svsm-e2e/svsm/uefivars"
 	"github.com/svsm-e2e/svsm-e2e/svsm/vtpm"
 )
@@ -276,10 +277,21 @@ func TestPrehashedComponents(t *testing.T) {
 		name   string
 		hashed func(kernel []byte) *Prehashed
 	}{
-		{"both-banks", func(k []byte) *Prehashed { return Prehash(k, crypto.SHA256, crypto.SHA384) }},
-		{"sha256-only", func(k []byte) *Prehashed { return Prehash(k, crypto.SHA256) }},
-		{"other-hashes", func(k []byte) *Prehashed { return Prehash(k, crypto.SHA1, crypto.SHA512) }},
-		{"other-bytes", func([]byte) *Prehashed { return Prehash(other, crypto.SHA256, crypto.SHA384) }},
+		{"both-banks", func(k []byte) *Prehashed { return Prehash(k, nil, crypto.SHA256, crypto.SHA384) }},
+		{"sha256-only", func(k []byte) *Prehashed { return Prehash(k, nil, crypto.SHA256) }},
+		{"other-hashes", func(k []byte) *Prehashed { return Prehash(k, nil, crypto.SHA1, crypto.SHA512) }},
+		{"other-bytes", func([]byte) *Prehashed { return Prehash(other, nil, crypto.SHA256, crypto.SHA384) }},
+		{"libcrypto", func(k []byte) *Prehashed { return Prehash(k, libcrypto.Digest, crypto.SHA256, crypto.SHA384) }},
+		// A digest that fails, or gives the wrong length, is computed by the firmware.
+		{"digest-fails", func(k []byte) *Prehashed {
+			return Prehash(k, func(crypto.Hash, []byte) ([]byte, error) { return nil, errors.New("no") }, crypto.SHA256, crypto.SHA384)
+		}},
+		{"digest-short", func(k []byte) *Prehashed {
+			return Prehash(k, func(h crypto.Hash, d []byte) ([]byte, error) {
+				s, err := libcrypto.Digest(h, d)
+				return s[:h.Size()-1], err
+			}, crypto.SHA256, crypto.SHA384)
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			b := largeBoot()
