@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -394,17 +395,57 @@ func refuse(field, format string, args ...any) *Refusal {
 	return &Refusal{Field: field, Reason: fmt.Sprintf(format, args...)}
 }
 
+// policyInputs is what checkPolicy reads of a VM's record: its answer for one evidence is a
+// function of these alone, so a release whose VM still has the inputs its attestation was
+// checked with need not check again (go-sev-guest's validator parses the VCEK certificate
+// each time: 3 % of the verifier's CPU per boot).
+type policyInputs struct {
+	name           string
+	measurements   []HexBytes
+	hostData       HexBytes
+	chipIDs        []HexBytes
+	allowDebug     bool
+	allowMigrateMA bool
+	minTCB         *kds.TCBParts
+}
+
+// policyOf copies vm's policy inputs (the copy does not change with the record).
+func policyOf(vm *VM) policyInputs {
+	p := policyInputs{name: vm.Name, hostData: bytes.Clone(vm.HostData), allowDebug: vm.AllowDebug, allowMigrateMA: vm.AllowMigrateMA}
+	for _, m := range vm.Measurements {
+		p.measurements = append(p.measurements, bytes.Clone(m))
+	}
+	for _, c := range vm.ChipIDs {
+		p.chipIDs = append(p.chipIDs, bytes.Clone(c))
+	}
+	if vm.MinTCB != nil {
+		t := *vm.MinTCB
+		p.minTCB = &t
+	}
+	return p
+}
+
+// equal reports whether p and q are the same inputs (lists in the same order).
+func (p policyInputs) equal(q policyInputs) bool {
+	sameList := func(a, b []HexBytes) bool {
+		return slices.EqualFunc(a, b, func(x, y HexBytes) bool { return bytes.Equal(x, y) })
+	}
+	return p.name == q.name && sameList(p.measurements, q.measurements) && bytes.Equal(p.hostData, q.hostData) &&
+		sameList(p.chipIDs, q.chipIDs) && p.allowDebug == q.allowDebug && p.allowMigrateMA == q.allowMigrateMA &&
+		(p.minTCB == nil) == (q.minTCB == nil) && (p.minTCB == nil || *p.minTCB == *q.minTCB)
+}
+
 // checkPolicy applies a VM's registered policy to verified evidence.
-func checkPolicy(vm *VM, att *spb.Attestation) error {
+func checkPolicy(vm policyInputs, att *spb.Attestation) error {
 	r := att.GetReport()
 	allowed := false
-	for _, m := range vm.Measurements {
+	for _, m := range vm.measurements {
 		if bytes.Equal(m, r.GetMeasurement()) {
 			allowed = true
 		}
 	}
 	if !allowed {
-		return refuse("measurement", "%s is not in the allow-list of vm %s", hex.EncodeToString(r.GetMeasurement()), vm.Name)
+		return refuse("measurement", "%s is not in the allow-list of vm %s", hex.EncodeToString(r.GetMeasurement()), vm.name)
 	}
 	if r.GetVmpl() != 0 {
 		return refuse("vmpl", "report VMPL is %d, want 0", r.GetVmpl())
@@ -413,29 +454,29 @@ func checkPolicy(vm *VM, att *spb.Attestation) error {
 	if err != nil {
 		return refuse("policy", "%v", err)
 	}
-	if pol.Debug && !vm.AllowDebug {
+	if pol.Debug && !vm.allowDebug {
 		return refuse("policy.debug", "guest policy %#x allows debugging", r.GetPolicy())
 	}
-	if pol.MigrateMA && !vm.AllowMigrateMA {
+	if pol.MigrateMA && !vm.allowMigrateMA {
 		return refuse("policy.migrate_ma", "guest policy %#x allows a migration agent", r.GetPolicy())
 	}
-	if len(vm.ChipIDs) > 0 {
+	if len(vm.chipIDs) > 0 {
 		ok := false
-		for _, id := range vm.ChipIDs {
+		for _, id := range vm.chipIDs {
 			if bytes.Equal(id, r.GetChipId()) {
 				ok = true
 			}
 		}
 		if !ok {
-			return refuse("chip_id", "%s is not pinned for vm %s", hex.EncodeToString(r.GetChipId()[:8])+"…", vm.Name)
+			return refuse("chip_id", "%s is not pinned for vm %s", hex.EncodeToString(r.GetChipId()[:8])+"…", vm.name)
 		}
 	}
-	if len(vm.HostData) > 0 && !bytes.Equal(vm.HostData, r.GetHostData()) {
-		return refuse("host_data", "%s, want %s", hex.EncodeToString(r.GetHostData()), hex.EncodeToString(vm.HostData))
+	if len(vm.hostData) > 0 && !bytes.Equal(vm.hostData, r.GetHostData()) {
+		return refuse("host_data", "%s, want %s", hex.EncodeToString(r.GetHostData()), hex.EncodeToString(vm.hostData))
 	}
-	if vm.MinTCB != nil {
+	if vm.minTCB != nil {
 		got := kds.DecomposeTCBVersion(kds.TCBVersion(r.GetReportedTcb()))
-		m := *vm.MinTCB
+		m := *vm.minTCB
 		if got.BlSpl < m.BlSpl || got.TeeSpl < m.TeeSpl || got.SnpSpl < m.SnpSpl || got.UcodeSpl < m.UcodeSpl {
 			return refuse("reported_tcb", "bl=%d tee=%d snp=%d ucode=%d is below the minimum bl=%d tee=%d snp=%d ucode=%d",
 				got.BlSpl, got.TeeSpl, got.SnpSpl, got.UcodeSpl, m.BlSpl, m.TeeSpl, m.SnpSpl, m.UcodeSpl)
@@ -445,15 +486,15 @@ func checkPolicy(vm *VM, att *spb.Attestation) error {
 	// report and its VCEK, and CHIP_ID against the VCEK's HWID.
 	vmpl := 0
 	opts := &validate.Options{
-		GuestPolicy: abi.SnpPolicy{Debug: vm.AllowDebug, MigrateMA: vm.AllowMigrateMA, SMT: true},
+		GuestPolicy: abi.SnpPolicy{Debug: vm.allowDebug, MigrateMA: vm.allowMigrateMA, SMT: true},
 		VMPL:        &vmpl,
 		Measurement: r.GetMeasurement(),
 	}
-	if vm.MinTCB != nil {
-		opts.MinimumTCB = *vm.MinTCB
+	if vm.minTCB != nil {
+		opts.MinimumTCB = *vm.minTCB
 	}
-	if len(vm.HostData) > 0 {
-		opts.HostData = vm.HostData
+	if len(vm.hostData) > 0 {
+		opts.HostData = vm.hostData
 	}
 	if err := validate.SnpAttestation(att, opts); err != nil {
 		return refuse("report", "%v", err)
