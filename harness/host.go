@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -323,7 +324,12 @@ func (h *Host) StartVerifier(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("verifier admin token: %w", err)
 	}
-	h.Admin = &verifier.AdminClient{BaseURL: h.AdminURL, Token: strings.TrimSpace(string(tok))}
+	// Scenarios and benchmarks call the admin API from several goroutines at once: keep a
+	// connection for each rather than net/http's default two.
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.MaxIdleConnsPerHost = 32
+	h.Admin = &verifier.AdminClient{BaseURL: h.AdminURL, Token: strings.TrimSpace(string(tok)),
+		HTTP: &http.Client{Transport: tr, Timeout: 30 * time.Second}}
 	return nil
 }
 

@@ -73,6 +73,8 @@ type Proxy struct {
 	wg        sync.WaitGroup
 	// verifierSeconds times round trips to the verifier (MetricsHandler).
 	verifierSeconds *prometheus.HistogramVec
+	// transport holds the keep-alive connections to the verifiers, shared by every session.
+	transport *http.Transport
 }
 
 // New validates options.
@@ -102,13 +104,20 @@ func New(opts Options) (*Proxy, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	// net/http's default transport keeps two idle connections per verifier: with more guests
+	// attesting at once, every other request opened a TCP connection and the verifier
+	// accepted it. Keep as many as guests may be served at once.
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.MaxIdleConnsPerHost = opts.MaxConns
+	tr.MaxIdleConns = opts.MaxConns * len(verifiers)
 	return &Proxy{opts: opts, verifiers: verifiers, log: opts.Logger, sem: make(chan struct{}, opts.MaxConns),
-		verifierSeconds: newVerifierSeconds()}, nil
+		verifierSeconds: newVerifierSeconds(), transport: tr}, nil
 }
 
 // Serve accepts connections on ln until ctx ends, then waits for open ones to finish (each is
 // bounded by StepTimeout per step).
 func (p *Proxy) Serve(ctx context.Context, ln net.Listener) error {
+	defer p.transport.CloseIdleConnections()
 	go func() {
 		<-ctx.Done()
 		ln.Close()
@@ -203,7 +212,7 @@ var errIdleClose = errors.New("connection closed between sessions")
 
 func (p *Proxy) serveSession(ctx context.Context, rw net.Conn, first bool) error {
 	jar, _ := cookiejar.New(nil) // one jar per session: sessions never mix
-	c := &conn{p: p, rw: rw, http: &http.Client{Jar: jar, Timeout: p.opts.StepTimeout}}
+	c := &conn{p: p, rw: rw, http: &http.Client{Transport: p.transport, Jar: jar, Timeout: p.opts.StepTimeout}}
 	var body []byte
 	var err error
 	if !p.opts.Persistent {
