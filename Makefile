@@ -67,7 +67,7 @@ fuzz:
 bench: deps build
 	$(GO) test -run '^$$' -bench 'BenchmarkVerifierCapacity' -benchtime 300x ./harness
 	$(GO) test -run '^$$' -bench 'BenchmarkAttestRelease' -benchtime 100x ./harness
-	$(GO) test -run '^$$' -bench 'BenchmarkIdentify|BenchmarkBoltReleaseTx' -benchtime 50x ./verifier
+	$(GO) test -run '^$$' -bench 'BenchmarkIdentify|BenchmarkBoltReleaseTx|BenchmarkNewSession' -benchtime 50x ./verifier
 	$(GO) test -run '^$$' -bench 'BenchmarkBootToUnlocked' -benchtime 3x ./harness
 	$(GO) test -run '^$$' -bench 'BenchmarkCoconutAttest' -benchtime 5x ./harness
 	$(BIN)/svsm-e2e explore --seed 1 --budget 100 --workdir $(CURDIR)/explore-work | tail -2
