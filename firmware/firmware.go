@@ -63,11 +63,14 @@ type prehash struct {
 // OpenSSL's, faster under emulation: package libcrypto).
 type Digest func(h crypto.Hash, data []byte) ([]byte, error)
 
-// Prehash starts hashing data in each of hashes, one after the other in one background
-// goroutine (the boot's own work keeps the other vCPUs), so that a guest can hash its kernel
-// while it loads drivers and the SVSM attests, and measure it without waiting. data must
-// not change afterwards. digest, when not nil, computes the digests instead of Go's crypto;
-// a digest it fails to give (an error, or the wrong length) is computed by the firmware.
+// Prehash starts hashing data in each of hashes, each in a background goroutine of its own,
+// so that a guest can hash its kernel while it loads drivers and the SVSM attests, and
+// measure it without waiting. data must not change afterwards. digest, when not nil,
+// computes the digests instead of Go's crypto; a digest it fails to give (an error, or the
+// wrong length) is computed by the firmware. The guest's digest runs at the lowest CPU
+// priority, so the banks share whatever CPU the boot leaves idle (in a microvm the
+// measurement then waited 0.03–0.05 s for them instead of 0.07–0.08 s with one goroutine;
+// at normal priority, concurrent banks had slowed the drivers' loading).
 func Prehash(data []byte, digest Digest, hashes ...crypto.Hash) *Prehashed {
 	p := &Prehashed{data: data, sums: map[crypto.Hash]*prehash{}}
 	var order []crypto.Hash
@@ -78,8 +81,8 @@ func Prehash(data []byte, digest Digest, hashes ...crypto.Hash) *Prehashed {
 		p.sums[h] = &prehash{done: make(chan struct{})}
 		order = append(order, h)
 	}
-	go func() {
-		for _, h := range order {
+	for _, h := range order {
+		go func() {
 			r := p.sums[h]
 			if digest == nil {
 				d := h.New()
@@ -89,8 +92,8 @@ func Prehash(data []byte, digest Digest, hashes ...crypto.Hash) *Prehashed {
 				r.sum = sum
 			}
 			close(r.done)
-		}
-	}()
+		}()
+	}
 	return p
 }
 
