@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"os"
 	"runtime"
@@ -164,7 +165,15 @@ func powerCut() {
 	select {} // SIGKILL cannot be caught; never continue past a crash point
 }
 
+// Emit prints ev with the guest's uptime (protocol.EventUptimeField).
 func (e *emitter) Emit(ev protocol.Event) {
+	var ts unix.Timespec
+	if unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts) == nil {
+		fields := make(map[string]any, len(ev.Fields)+1)
+		maps.Copy(fields, ev.Fields)
+		fields[protocol.EventUptimeField] = float64(ts.Nano()/1e4) / 100 // 10 µs resolution
+		ev.Fields = fields
+	}
 	line, err := ev.Line()
 	if err != nil {
 		line = fmt.Sprintf(`%s{"event":"event-encoding-failed","layer":%q,"reason":%q}`, protocol.EventPrefix, ev.Layer, err.Error())

@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // EventPrefix starts every event line the guest prints (PROTOCOLS.md §7).
@@ -15,6 +17,32 @@ const EventPrefix = "SVSM-E2E-EVENT "
 
 // MaxEventLine bounds one event line; longer lines are not events.
 const MaxEventLine = 64 << 10
+
+// EventUptimeField is the field the guest adds to each event: its machine's uptime
+// (CLOCK_BOOTTIME) in milliseconds when it printed the event. In a VM it counts from the
+// kernel's start, so phases measured with it leave out the console's way to the host.
+const EventUptimeField = "uptime_ms"
+
+// Uptime is the event's EventUptimeField, when it has one.
+func (e Event) Uptime() (time.Duration, bool) {
+	var ms float64
+	switch v := e.Fields[EventUptimeField].(type) {
+	case json.Number: // as parsed
+		f, err := v.Float64()
+		if err != nil {
+			return 0, false
+		}
+		ms = f
+	case float64: // as the guest sets it
+		ms = v
+	default:
+		return 0, false
+	}
+	if ms < 0 || ms > float64(math.MaxInt64/int64(time.Millisecond)) {
+		return 0, false
+	}
+	return time.Duration(ms * float64(time.Millisecond)), true
+}
 
 // Layers an event can come from.
 const (

@@ -1,8 +1,10 @@
 package protocol
 
 import (
+	"encoding/json"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestEventLineRoundTrip(t *testing.T) {
@@ -60,4 +62,29 @@ func FuzzParseEventLine(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestEventUptime: the guest's uptime field reads back from a printed and parsed line, and a
+// missing, negative, huge or non-numeric one is absent.
+func TestEventUptime(t *testing.T) {
+	line, err := Event{Event: "attested", Layer: LayerSVSM, Fields: map[string]any{EventUptimeField: 1234.56}}.Line()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev, ok, err := ParseEventLine(line)
+	if err != nil || !ok {
+		t.Fatalf("parse %q: %v %v", line, ok, err)
+	}
+	if up, ok := ev.Uptime(); !ok || up != 1234560*time.Microsecond {
+		t.Fatalf("Uptime() = %v, %v; want 1.23456s", up, ok)
+	}
+	for _, v := range []any{nil, -1.0, 1e300, "12", json.Number("x")} {
+		e := Event{Event: "e", Layer: LayerOS, Fields: map[string]any{EventUptimeField: v}}
+		if v == nil {
+			e.Fields = nil
+		}
+		if up, ok := e.Uptime(); ok {
+			t.Errorf("Uptime() with %v = %v, true", v, up)
+		}
+	}
 }
