@@ -138,18 +138,7 @@ func testEventLogReplays(t *testing.T, large bool) {
 func banksHash(a tpm2.Algorithm) crypto.Hash { return bankOf[a].Hash }
 
 func TestPCRsFollowWhatIsBooted(t *testing.T) {
-	run := func(b Boot) map[int][]byte {
-		tpm, err := vtpm.Manufacture()
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer tpm.Close()
-		res, err := Run(context.Background(), tpm.Transport(), storeVars{uefivars.New()}, nil, b)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return res.PCRs
-	}
+	run := func(b Boot) map[int][]byte { return bootOnce(t, b).PCRs }
 	base := run(boot())
 	if again := run(boot()); string(again[4]) != string(base[4]) || string(again[8]) != string(base[8]) {
 		t.Fatal("same boot, different PCRs")

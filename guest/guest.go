@@ -298,7 +298,7 @@ func run(ctx context.Context, cfg Config, em *emitter, crash *crashpoint.Injecto
 
 	// Firmware layer.
 	fwFail := func(reason string, err error) error { return &Failure{protocol.LayerFirmware, reason, err} }
-	boot, err := cfg.bootComponents(cfg.Components, s.LaunchDigest())
+	boot, err := cfg.bootComponents(s.LaunchDigest())
 	if err != nil {
 		return "", fwFail("boot-components", err)
 	}
@@ -389,9 +389,10 @@ func run(ctx context.Context, cfg Config, em *emitter, crash *crashpoint.Injecto
 	return outcome, nil
 }
 
-// bootComponents is what the firmware boots: the components c loaded at the boot's start.
-func (cfg *Config) bootComponents(c *Components, launch []byte) (firmware.Boot, error) {
+// bootComponents is what the firmware boots: the components loaded at the boot's start.
+func (cfg *Config) bootComponents(launch []byte) (firmware.Boot, error) {
 	b := firmware.Boot{LaunchDigest: launch, Cmdline: cfg.Cmdline}
+	c := cfg.Components
 	if c.err != nil {
 		return b, c.err
 	}
