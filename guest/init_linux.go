@@ -40,6 +40,9 @@ func RunInit() {
 		fmt.Fprintf(out, "svsm-guest init: %v\n", err)
 	}
 	unix.Sync()
+	// The reset cuts the serial console at once: drain it first, or the last event (the one
+	// saying why the boot ended) is cut mid-line.
+	flush(out)
 	_ = unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART)
 	select {} // PID 1 must not exit
 }
