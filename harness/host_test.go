@@ -101,6 +101,16 @@ func lastAudit(t testing.TB, h *harness.Host, vm string) verifier.AuditEvent {
 	return evs[len(evs)-1]
 }
 
+// lastAudits returns a VM's last n audit rows.
+func lastAudits(t testing.TB, h *harness.Host, vm string, n int) []verifier.AuditEvent {
+	t.Helper()
+	evs, err := h.Admin.Audit(context.Background(), vm, 0)
+	if err != nil || len(evs) < n {
+		t.Fatalf("audit: %v (%d events, want %d)", err, len(evs), n)
+	}
+	return evs[len(evs)-n:]
+}
+
 func TestAttestReleaseOncePerBootRequest(t *testing.T) {
 	h := startHost(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
@@ -120,16 +130,19 @@ func TestAttestReleaseOncePerBootRequest(t *testing.T) {
 	if p.ExpectedCounter != 0 || p.NextCounter != 1 {
 		t.Fatalf("payload counters %d→%d, want 0→1", p.ExpectedCounter, p.NextCounter)
 	}
-	if ev := lastAudit(t, h, "vm1"); ev.Event != "release" || ev.Outcome != verifier.Allow {
-		t.Fatalf("audit after release = %+v", ev)
+	// The attestation's row comes with the release's (one commit), same session.
+	if evs := lastAudits(t, h, "vm1", 2); evs[0].Event != "attest" || evs[0].Outcome != verifier.Allow ||
+		evs[1].Event != "release" || evs[1].Outcome != verifier.Allow || evs[0].Session == "" || evs[0].Session != evs[1].Session {
+		t.Fatalf("audit after release = %+v, want the attestation then the release of one session", evs)
 	}
 	// A clone attests again without a new boot request: refused, audited.
 	_, err = guest(ctx, hj)
 	if !errors.Is(err, attest.ErrRefused) {
 		t.Fatalf("second attestation = %v, want refusal", err)
 	}
-	if ev := lastAudit(t, h, "vm1"); ev.Event != "release" || ev.Outcome != verifier.Deny || !strings.Contains(ev.Reason, "boot_request") {
-		t.Fatalf("audit after clone = %+v", ev)
+	if evs := lastAudits(t, h, "vm1", 2); evs[0].Event != "attest" || evs[0].Outcome != verifier.Allow ||
+		evs[1].Event != "release" || evs[1].Outcome != verifier.Deny || !strings.Contains(evs[1].Reason, "boot_request") || evs[0].Session != evs[1].Session {
+		t.Fatalf("audit after clone = %+v, want the clone's attestation then its refusal", evs)
 	}
 	// Confirm the advance through the proxy (0.3.0).
 	resp, err := harness.Confirm(ctx, hj, p.ConfirmKey[:], p.BootID[:], p.NextCounter)

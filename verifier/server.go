@@ -265,6 +265,10 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 // audit records a decision that changes nothing else; identical refusals are coalesced.
 func (v *Verifier) audit(e AuditEvent) {
 	v.auditLog.record(e)
+	v.logDecision(e)
+}
+
+func (v *Verifier) logDecision(e AuditEvent) {
 	v.log.Info("decision", "event", e.Event, "outcome", e.Outcome, "vm", e.VM, "session", e.Session, "reason", e.Reason)
 }
 
@@ -482,7 +486,9 @@ func (v *Verifier) handleAttest(w http.ResponseWriter, r *http.Request) {
 	s.vm, s.key, s.evidence, s.policy, s.bootRequest, s.state = vm.Name, &key, evidence, policy, bootRequest, sessionAttested
 	attested = true
 	v.mu.Unlock()
-	v.audit(AuditEvent{Event: "attest", Outcome: Allow, VM: vm.Name, Session: s.id})
+	// Written with the session's release (auditLog.hold): no commit of its own.
+	v.auditLog.hold(AuditEvent{Event: "attest", Outcome: Allow, VM: vm.Name, Session: s.id})
+	v.logDecision(AuditEvent{Event: "attest", Outcome: Allow, VM: vm.Name, Session: s.id})
 	writeJSON(w, http.StatusOK, protocol.KBSAttestResponse{Token: token})
 }
 
@@ -677,8 +683,14 @@ func (v *Verifier) release(ctx context.Context, vmName, sid string, key protocol
 	}
 	var secret []byte
 	var ref *Refusal
+	held := v.auditLog.take(sid) // the session's attestation, audited in this commit
 	err := v.store.Update(ctx, func(tx Tx) error {
 		secret, ref = nil, nil
+		for _, e := range held {
+			if err := tx.Audit(e); err != nil {
+				return err
+			}
+		}
 		vm, err := tx.VM(vmName)
 		if err != nil {
 			return err
@@ -721,6 +733,7 @@ func (v *Verifier) release(ctx context.Context, vmName, sid string, key protocol
 		return nil
 	})
 	if err != nil {
+		v.auditLog.unhold(held)
 		return nil, nil, fmt.Errorf("release for vm %s: %w", vmName, err)
 	}
 	if ref == nil {

@@ -37,7 +37,8 @@ type Tx interface {
 	Boot(id string) (*Boot, error)
 	PutBoot(b *Boot) error
 	// Audit appends an event in the same transaction as the decision it records; the store
-	// assigns Seq and Time.
+	// assigns Seq, and Time unless the event carries one (a held attestation keeps the time
+	// it was decided: auditLog.hold).
 	Audit(e AuditEvent) error
 	// Meta reads a metadata value (nil when unset).
 	Meta(key string) ([]byte, error)

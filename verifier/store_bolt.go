@@ -209,7 +209,9 @@ func (t *boltTx) Audit(e AuditEvent) error {
 		return err
 	}
 	e.Seq = seq
-	e.Time = t.now
+	if e.Time.IsZero() { // a held row keeps the time it was decided (auditLog.hold)
+		e.Time = t.now
+	}
 	var k [8]byte
 	binary.BigEndian.PutUint64(k[:], seq)
 	return putJSON(b, k[:], e)

@@ -269,7 +269,10 @@ func (t *pgTx) PutBoot(b *Boot) error {
 // Audit implements Tx: the sequence number is the row's bigserial (increasing; with
 // several replicas a reader may see a row before one with a smaller number commits).
 func (t *pgTx) Audit(e AuditEvent) error {
-	e.Seq, e.Time = 0, t.now
+	e.Seq = 0
+	if e.Time.IsZero() { // a held row keeps the time it was decided (auditLog.hold)
+		e.Time = t.now
+	}
 	raw, err := json.Marshal(e)
 	if err != nil {
 		return err

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	bolt "go.etcd.io/bbolt"
@@ -152,6 +153,16 @@ func TestStoreConformance(t *testing.T) {
 			}
 			if got, _ := s.AuditEvents(ctx, "", 0, 1); len(got) != 1 {
 				t.Fatalf("audit limit 1: %+v", got)
+			}
+			// A row that carries its time (a held attestation) keeps it.
+			decided := time.Date(2026, 1, 2, 3, 4, 5, 6000, time.UTC)
+			if err := s.Update(ctx, func(tx Tx) error {
+				return tx.Audit(AuditEvent{Event: "attest", Outcome: Allow, VM: "a", Time: decided})
+			}); err != nil {
+				t.Fatal(err)
+			}
+			if got, _ := s.AuditEvents(ctx, "a", 0, 0); len(got) != 2 || !got[1].Time.Equal(decided) {
+				t.Fatalf("audit row with its own time: %+v", got)
 			}
 		})
 	}
