@@ -30,13 +30,7 @@ func attestRow(session string) AuditEvent {
 // An allowed attestation costs no commit of its own: its row is written in the release's
 // transaction, before the release's row, with the time it was decided.
 func TestHeldAttestationCommitsWithTheRelease(t *testing.T) {
-	v := newTestVerifier(t)
-	if _, err := v.Register(t.Context(), VMSpec{Name: "vm", Measurements: []protocol.HexBytes{make([]byte, 48)}, SecretMode: "v1"}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := v.Prime(t.Context(), "vm"); err != nil {
-		t.Fatal(err)
-	}
+	v := newPrimedVerifier(t, "vm")
 	before := len(storedAudit(t, v.Store()))
 	v.auditLog.hold(attestRow("s"))
 	decided := time.Now()
@@ -148,13 +142,7 @@ func TestHeldAttestationSurvivesAFailedCommit(t *testing.T) {
 
 // A release whose commit fails gives the attestation back, for the next commit.
 func TestHeldAttestationSurvivesAFailedRelease(t *testing.T) {
-	v := newTestVerifier(t)
-	if _, err := v.Register(t.Context(), VMSpec{Name: "vm", Measurements: []protocol.HexBytes{make([]byte, 48)}, SecretMode: "v1"}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := v.Prime(t.Context(), "vm"); err != nil {
-		t.Fatal(err)
-	}
+	v := newPrimedVerifier(t, "vm")
 	fs := &failingStore{Store: v.store}
 	v.store = fs // the audit log keeps the working one
 	v.auditLog.hold(attestRow("s"))

@@ -21,6 +21,19 @@ func newTestVerifier(t *testing.T) *Verifier {
 	return v
 }
 
+// newPrimedVerifier is a verifier with one VM registered (secret mode v1) and primed.
+func newPrimedVerifier(t *testing.T, name string) *Verifier {
+	t.Helper()
+	v := newTestVerifier(t)
+	if _, err := v.Register(t.Context(), VMSpec{Name: name, Measurements: []protocol.HexBytes{make([]byte, 48)}, SecretMode: "v1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.Prime(t.Context(), name); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
 // releaseV1 registers/primes and releases directly (the evidence path is covered by the
 // harness integration tests), returning the decrypted payload.
 // noGate stands for a session whose evidence passes the gate (the gate itself is covered by
@@ -208,13 +221,7 @@ func TestSetMeasurements(t *testing.T) {
 // TestReleaseChecksTheKeyBeforeSpendingTheRequest: a key that is no P-521 point is refused
 // (and audited) before the transaction, so the boot request survives for the real guest.
 func TestReleaseChecksTheKeyBeforeSpendingTheRequest(t *testing.T) {
-	v := newTestVerifier(t)
-	if _, err := v.Register(t.Context(), VMSpec{Name: "vm", Measurements: []protocol.HexBytes{make([]byte, 48)}, SecretMode: "v1"}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := v.Prime(t.Context(), "vm"); err != nil {
-		t.Fatal(err)
-	}
+	v := newPrimedVerifier(t, "vm")
 	bad := protocol.ECPublicKey{X: make([]byte, protocol.P521CoordSize), Y: make([]byte, protocol.P521CoordSize)}
 	bad.X[65], bad.Y[65] = 1, 1 // (1, 1) is not on the curve
 	_, ref, err := v.release(t.Context(), "vm", "s", bad, noGate)

@@ -15,13 +15,7 @@ import (
 // TestMetrics: /metrics answers without the admin token (the admin API still wants it),
 // counts committed decisions by event, outcome and refusal field, and names no VM.
 func TestMetrics(t *testing.T) {
-	v := newTestVerifier(t)
-	if _, err := v.Register(t.Context(), VMSpec{Name: "secret-vm-name", Measurements: []protocol.HexBytes{make([]byte, 48)}, SecretMode: "v1"}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := v.Prime(t.Context(), "secret-vm-name"); err != nil {
-		t.Fatal(err)
-	}
+	v := newPrimedVerifier(t, "secret-vm-name")
 	priv, _ := ecdh.P521().GenerateKey(rand.Reader)
 	key := protocol.ECPublicKeyFromECDH(priv.PublicKey())
 	if _, ref, err := v.release(t.Context(), "secret-vm-name", "s1", key, noGate); err != nil || ref != nil {
