@@ -17,7 +17,7 @@ import (
 // An allowed attestation is held (hold) and written in the commit of its session's next
 // decision, the release or its refusal, before that decision's row; a session that decides
 // nothing more within the window has its row written alone. An attestation thus costs no
-// commit of its own (a third of the verifier's durable commits per boot). A crash in between
+// commit of its own (one of the four durable commits of a boot). A crash in between
 // loses the held row together with the session, which lives in memory: nothing was released
 // on it, and the guest's next attestation is audited.
 type auditLog struct {
