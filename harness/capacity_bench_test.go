@@ -16,10 +16,10 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 
 	"github.com/svsm-e2e/svsm-e2e/harness"
@@ -165,8 +165,9 @@ func procCPU(pid int) (cpuTimes, error) {
 // BenchmarkVerifierCapacity drives boots (attestation with a release through the real proxy,
 // confirmation: what capacity counts) from concurrent clients against the real verifier
 // with durable commits, each boot a reboot of a VM of its own whose owner primed it before
-// the run (the primes' CPU is measured apart and reported beside), on bbolt and on PostgreSQL, with the verifier on 1 core (GOMAXPROCS=1, its threads
-// pinned to a CPU of their own) and on 2 (GOMAXPROCS=2, sharing the machine), and reports the
+// the run (the primes' CPU is measured apart and reported beside), on bbolt and on
+// PostgreSQL, with the verifier on 1 core (GOMAXPROCS=1, its threads pinned to a CPU of
+// their own) and on 2 (GOMAXPROCS=2, sharing the machine), and reports the
 // verifier's own CPU time per boot (from /proc) against the crypto floor measured in the
 // same run, twice: on the quiet machine before the run (fastest of three), and during the
 // run in this process by thread CPU time (median), i.e. under the same load as the verifier:
@@ -219,10 +220,10 @@ func BenchmarkVerifierCapacity(b *testing.B) {
 				if err != nil {
 					b.Fatal(err)
 				}
-				boot := func(i int, hj *protocol.HostJSON) error {
+				boot := func(hj *protocol.HostJSON) error {
 					res, err := harness.Attest(ctx, hj)
 					if err != nil {
-						return fmt.Errorf("client %d: %s: %w", i, hj.VM, err)
+						return fmt.Errorf("%s: %w", hj.VM, err)
 					}
 					var p protocol.SecretPayloadV1
 					if err := p.UnmarshalBinary(res.Secret); err != nil {
@@ -230,19 +231,19 @@ func BenchmarkVerifierCapacity(b *testing.B) {
 					}
 					resp, err := harness.Confirm(ctx, hj, p.ConfirmKey[:], p.BootID[:], p.NextCounter)
 					if err != nil || !resp.Success {
-						return fmt.Errorf("client %d: %s: confirm: %v %+v", i, hj.VM, err, resp)
+						return fmt.Errorf("%s: confirm: %v %+v", hj.VM, err, resp)
 					}
 					return nil
 				}
-				prime := func(_ int, hj *protocol.HostJSON) error {
+				prime := func(hj *protocol.HostJSON) error {
 					_, err := h.Admin.Prime(ctx, hj.VM)
 					return err
 				}
-				if err := eachConcurrently(vms, clients, func(i int, hj *protocol.HostJSON) error {
-					if err := prime(i, hj); err != nil {
+				if err := eachConcurrently(vms, clients, func(hj *protocol.HostJSON) error {
+					if err := prime(hj); err != nil {
 						return err
 					}
-					return boot(i, hj)
+					return boot(hj)
 				}); err != nil {
 					b.Fatal(err)
 				}
@@ -347,36 +348,27 @@ func summariseProfile(b *testing.B, prof string) {
 // addVMs registers n VMs named prefix0, prefix1, ... (not primed), width at a time.
 func addVMs(ctx context.Context, h *harness.Host, prefix string, n, width int) ([]*protocol.HostJSON, error) {
 	vms := make([]*protocol.HostJSON, n)
-	idx := make([]int, n)
-	for i := range idx {
-		idx[i] = i
+	var g errgroup.Group
+	g.SetLimit(width)
+	for i := range vms {
+		g.Go(func() (err error) {
+			vms[i], err = h.AddVM(ctx, harness.VMSetup{Name: fmt.Sprintf("%s%d", prefix, i)})
+			return err
+		})
 	}
-	err := eachConcurrently(idx, width, func(_ int, i int) error {
-		hj, err := h.AddVM(ctx, harness.VMSetup{Name: fmt.Sprintf("%s%d", prefix, i)})
-		vms[i] = hj
-		return err
-	})
-	return vms, err
+	return vms, g.Wait()
 }
 
-// eachConcurrently calls fn on every item from width goroutines (goroutine g takes items g,
-// g+width, ...) and returns the first error; a goroutine stops at its first error.
-func eachConcurrently[T any](items []T, width int, fn func(g int, item T) error) error {
-	var wg sync.WaitGroup
-	errs := make(chan error, width)
-	for g := range width {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for n := g; n < len(items); n += width {
-				if err := fn(g, items[n]); err != nil {
-					errs <- err
-					return
-				}
-			}
-		}()
+// eachConcurrently calls fn on every item, width at a time, and returns the first error;
+// after one, the items not yet begun are skipped.
+func eachConcurrently[T any](items []T, width int, fn func(T) error) error {
+	g, ctx := errgroup.WithContext(context.Background())
+	g.SetLimit(width)
+	for _, it := range items {
+		if ctx.Err() != nil {
+			break
+		}
+		g.Go(func() error { return fn(it) })
 	}
-	wg.Wait()
-	close(errs)
-	return <-errs
+	return g.Wait()
 }

@@ -94,11 +94,7 @@ func guest(ctx context.Context, hj *protocol.HostJSON) (*attest.Result, error) {
 
 func lastAudit(t testing.TB, h *harness.Host, vm string) verifier.AuditEvent {
 	t.Helper()
-	evs, err := h.Admin.Audit(context.Background(), vm, 0)
-	if err != nil || len(evs) == 0 {
-		t.Fatalf("audit: %v (%d events)", err, len(evs))
-	}
-	return evs[len(evs)-1]
+	return lastAudits(t, h, vm, 1)[0]
 }
 
 // lastAudits returns a VM's last n audit rows.

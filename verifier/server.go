@@ -487,8 +487,9 @@ func (v *Verifier) handleAttest(w http.ResponseWriter, r *http.Request) {
 	attested = true
 	v.mu.Unlock()
 	// Written with the session's release (auditLog.hold): no commit of its own.
-	v.auditLog.hold(AuditEvent{Event: "attest", Outcome: Allow, VM: vm.Name, Session: s.id})
-	v.logDecision(AuditEvent{Event: "attest", Outcome: Allow, VM: vm.Name, Session: s.id})
+	allowed := AuditEvent{Event: "attest", Outcome: Allow, VM: vm.Name, Session: s.id}
+	v.auditLog.hold(allowed)
+	v.logDecision(allowed)
 	writeJSON(w, http.StatusOK, protocol.KBSAttestResponse{Token: token})
 }
 
